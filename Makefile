@@ -1,0 +1,36 @@
+# make install: .venv with the plugin and its test/viz extras (quick when nothing changed)
+# make test:    the whole test suite        make demo: prepare a corpus, train, evaluate (CPU, a few minutes)
+
+PYTHON ?= python3
+VENV ?= .venv
+# The local CPU wheel here; on a cluster, install your own CUDA torch into $(VENV) first and it is kept.
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fairseq-expire-installed
+SOURCES := setup.py README.md fairseq_expire_compat.py fairseq_expire_compat.pth \
+	$(shell find fairseq_expire -name '*.py' 2>/dev/null)
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install test demo format clean
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation ".[test,viz]"
+	$(PY) -c "import fairseq, fairseq_expire_compat" && touch $@
+
+test: install
+	$(PY) -m pytest -q tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; rc=1; fi; exit $$rc
+
+demo: install
+	$(PY) scripts/demo.py
+
+format: install
+	$(PY) -m black fairseq_expire fairseq_expire_compat.py scripts tests setup.py
+	$(PY) -m isort fairseq_expire fairseq_expire_compat.py scripts tests setup.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
