@@ -1,0 +1,1 @@
+from . import expire_span_cross_entropy  # noqa: F401

@@ -1,0 +1,1 @@
+from . import expire_span_lm  # noqa: F401

@@ -1,0 +1,465 @@
+"""``expire_span_lm`` (Expire-Span) and ``fixed_span_lm`` (its Transformer-XL baseline) for fairseq.
+
+Both share one decoder; the only difference is the :class:`SpanRule` deciding how long memories live
+(paper 5.1: "the only difference among them is how memories are handled"). The mechanism itself lives in
+:mod:`fairseq_expire.modules.expire_span`; this module is the fairseq glue: options, presets, the per-stream
+memory that persists across forward calls, and the statistics the criterion logs.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from fairseq import options
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import (
+    ARCH_CONFIG_REGISTRY,
+    FairseqDecoder,
+    FairseqLanguageModel,
+    register_model,
+    register_model_architecture,
+)
+from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from omegaconf import II
+
+from fairseq_expire.modules.expire_span import (
+    ExpireSpanAttention,
+    LayerMemory,
+    RelativePositionTable,
+    SpanRule,
+    update_memory,
+)
+from fairseq_expire.usage import check_training_command
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FixedSpanLMConfig(FairseqDataclass):
+    decoder_layers: int = field(default=12, metadata={"help": "number of layers"})
+    decoder_embed_dim: int = field(default=512, metadata={"help": "model width H"})
+    decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "feed-forward hidden size"})
+    decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads K (D = H / K)"})
+    dropout: float = field(default=0.3, metadata={"help": "dropout on the feed-forward hidden layer"})
+    attention_dropout: float = field(default=0.3, metadata={"help": "dropout on attention probabilities"})
+    embedding_dropout: float = field(
+        default=0.0, metadata={"help": "dropout on the embedding output and the last layer's output"}
+    )
+    decoder_normalize_before: bool = field(
+        default=False, metadata={"help": "pre-norm layers (post-norm, the reference default, when off)"}
+    )
+    max_span: int = field(
+        default=16384, metadata={"help": "maximum span L: how far back a memory can ever be attended"}
+    )
+    inference_max_span: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "evaluation only: cap every span at this many steps and delete memories accordingly "
+            "(paper Figure 10); set it with --model-overrides \"{'inference_max_span': 1024}\""
+        },
+    )
+    share_decoder_input_output_embed: bool = field(
+        default=False, metadata={"help": "tie the output projection to the input embedding"}
+    )
+    adaptive_input: bool = field(default=False, metadata={"help": "adaptive input embeddings (word level)"})
+    adaptive_input_factor: float = field(default=4, metadata={"help": "adaptive input: size reduction factor"})
+    adaptive_input_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "adaptive input: comma-separated vocabulary cutoffs"}
+    )
+    adaptive_softmax_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "adaptive softmax: comma-separated vocabulary cutoffs (word level)"}
+    )
+    adaptive_softmax_dropout: float = field(default=0.0, metadata={"help": "adaptive softmax: tail dropout"})
+    adaptive_softmax_factor: float = field(default=4, metadata={"help": "adaptive softmax: size reduction factor"})
+    tie_adaptive_weights: bool = field(
+        default=False, metadata={"help": "share adaptive input and adaptive softmax weights"}
+    )
+    tokens_per_sample: int = II("task.tokens_per_sample")
+
+
+@dataclass
+class ExpireSpanLMConfig(FixedSpanLMConfig):
+    expire_span_ramp: int = field(default=128, metadata={"help": "ramp length R of the soft mask"})
+    expire_span_init_percentage: float = field(
+        default=0.1, metadata={"help": "initial span as a fraction p of L (bias = logit(p), weight = 0)"}
+    )
+    expire_span_pre_div: float = field(
+        default=1.0, metadata={"help": "divide hidden states by this before the span predictor"}
+    )
+    expire_span_noisy: bool = field(
+        default=False,
+        metadata={"help": "training: each block, cap spans at u*L, u ~ U(0,1), in mask and loss (paper 4.2)"},
+    )
+
+
+class ExpireSpanLayer(nn.Module):
+    """Attention over [memory ; block] + feed-forward, post-norm (reference default) or pre-norm."""
+
+    def __init__(self, cfg, rule: SpanRule):
+        super().__init__()
+        H = cfg.decoder_embed_dim
+        self.normalize_before = cfg.decoder_normalize_before
+        self.attention = ExpireSpanAttention(
+            H,
+            cfg.decoder_attention_heads,
+            rule,
+            cfg.attention_dropout,
+            init_percentage=getattr(cfg, "expire_span_init_percentage", 0.1),
+            pre_div=getattr(cfg, "expire_span_pre_div", 1.0),
+        )
+        if self.normalize_before:  # keep the residual stream's scale in check with depth (as the reference)
+            self.attention.out_proj.weight.data.div_((2 * cfg.decoder_layers) ** 0.5)
+        self.attention_norm = nn.LayerNorm(H)
+        self.ffn_norm = nn.LayerNorm(H)
+        self.fc1 = nn.Linear(H, cfg.decoder_ffn_embed_dim)
+        self.fc2 = nn.Linear(cfg.decoder_ffn_embed_dim, H)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def feed_forward(self, x):
+        return self.fc2(self.dropout(F.relu(self.fc1(x))))
+
+    def forward(self, x, memory: LayerMemory, positions, span_limit):
+        """x: B x M x H, the layer input; returns the output and the attention's per-key quantities."""
+        if self.normalize_before:
+            block, past = self.attention_norm(x), self.attention_norm(memory.hidden)
+        else:
+            block, past = x, memory.hidden
+        attended, spans, aux, attn_size = self.attention(
+            block, past, memory.distance, memory.valid, positions, span_limit
+        )
+        if self.normalize_before:
+            h = x + attended
+            out = h + self.feed_forward(self.ffn_norm(h))
+        else:
+            h = self.attention_norm(x + attended)
+            out = self.ffn_norm(h + self.feed_forward(h))
+        return out, spans, aux, attn_size
+
+
+class ExpireSpanDecoder(FairseqDecoder):
+    """Decoder whose layers keep a per-stream memory from one forward call (block) to the next.
+
+    The memory is a plain attribute (not a buffer: never saved, never broadcast), kept separately for training
+    and evaluation so that validation never disturbs the training streams.
+    """
+
+    def __init__(self, cfg, dictionary, learned_spans: bool):
+        super().__init__(dictionary)
+        H = cfg.decoder_embed_dim
+        self.block_size = cfg.tokens_per_sample
+        if self.block_size > cfg.max_span:
+            raise ValueError(
+                f"--tokens-per-sample {self.block_size} is longer than --max-span {cfg.max_span}: a block must fit "
+                "in the span (the previous block is always attended). Use --max-span >= --tokens-per-sample."
+            )
+        self.rule = SpanRule(cfg.max_span, getattr(cfg, "expire_span_ramp", 0), learned_spans)
+        self.noisy = learned_spans and cfg.expire_span_noisy
+        self.inference_max_span = cfg.inference_max_span
+        pad = dictionary.pad()
+        if cfg.adaptive_input:
+            self.embed_tokens = AdaptiveInput(
+                len(dictionary),
+                pad,
+                H,
+                cfg.adaptive_input_factor,
+                H,
+                options.eval_str_list(cfg.adaptive_input_cutoff, type=int),
+            )
+        else:
+            self.embed_tokens = nn.Embedding(len(dictionary), H, padding_idx=pad)
+            nn.init.normal_(self.embed_tokens.weight, mean=0, std=H**-0.5)
+            nn.init.zeros_(self.embed_tokens.weight[pad])
+        self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
+        self.positions = RelativePositionTable(H // cfg.decoder_attention_heads, self.block_size)
+        self.layers = nn.ModuleList(ExpireSpanLayer(cfg, self.rule) for _ in range(cfg.decoder_layers))
+        self.final_norm = nn.LayerNorm(H) if cfg.decoder_normalize_before else None
+
+        self.adaptive_softmax = None
+        self.output_projection = None
+        if cfg.adaptive_softmax_cutoff is not None:
+            self.adaptive_softmax = AdaptiveSoftmax(
+                len(dictionary),
+                H,
+                options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int),
+                cfg.adaptive_softmax_dropout,
+                adaptive_inputs=self.embed_tokens if cfg.tie_adaptive_weights else None,
+                factor=cfg.adaptive_softmax_factor,
+                tie_proj=cfg.tie_adaptive_weights,
+            )
+        else:
+            self.output_projection = nn.Linear(H, len(dictionary))
+            if cfg.share_decoder_input_output_embed:
+                self.output_projection.weight = self.embed_tokens.weight
+        self._memory = {}  # {training: [LayerMemory per layer]}
+
+    def reset_memory(self):
+        """Forget everything, in training and evaluation mode alike."""
+        self._memory.clear()
+
+    def memory(self) -> Optional[List[LayerMemory]]:
+        """The memory of the current mode (training or evaluation), per layer."""
+        return self._memory.get(self.training)
+
+    def forward(self, src_tokens, src_lengths=None, reset_memory: bool = False, **unused):
+        x, extra = self.extract_features(src_tokens, reset_memory=reset_memory)
+        return self.output_layer(x), extra
+
+    def output_layer(self, features, **unused):
+        if self.adaptive_softmax is not None:
+            return features  # the criterion and get_normalized_probs apply the adaptive softmax
+        return self.output_projection(features)
+
+    def _span_limits(self):
+        """(limit in mask and loss, limit in deletion): the noise u*L in training, the inference cap in eval."""
+        if self.training:
+            if self.noisy:
+                return float(torch.rand(()) * self.rule.max_span), None
+            return None, None
+        return self.inference_max_span, self.inference_max_span
+
+    def _current_memory(self, x, reset: bool) -> List[LayerMemory]:
+        B, M, H = x.shape
+        memories = self.memory()
+        if memories is not None and not reset and memories[0].hidden.size(0) != B:
+            logger.info(f"batch of {B} streams after {memories[0].hidden.size(0)}: memory reset")
+            memories = None
+        if memories is None or reset:
+            memories = [LayerMemory.empty(B, M, H, like=x) for _ in self.layers]
+        return memories
+
+    def extract_features(self, src_tokens, reset_memory: bool = False, **unused):
+        B, M = src_tokens.shape
+        if M != self.block_size:
+            raise ValueError(
+                f"block of {M} tokens, but the model was built for --tokens-per-sample {self.block_size}: "
+                "use the block length the model was trained with"
+            )
+        x = self.embedding_dropout(self.embed_tokens(src_tokens))  # B x M x H
+        memories = self._current_memory(x, reset_memory)
+        mask_limit, deletion_limit = self._span_limits()
+
+        new_memories, spans_of_block, aux_loss, attended, kept = [], [], x.new_zeros((), dtype=torch.float), [], []
+        for layer, memory in zip(self.layers, memories):
+            out, spans, aux, attn_size = layer(x, memory, self.positions, mask_limit)
+            memory = update_memory(memory, x, spans, self.rule, deletion_limit)
+            new_memories.append(memory)
+            kept.append(memory.valid.sum(1).float().mean())
+            attended.append(attn_size)
+            if spans is not None:
+                spans_of_block.append(spans[:, -M:].detach())
+                aux_loss = aux_loss + aux
+            x = out
+        self._memory[self.training] = new_memories
+
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        x = self.embedding_dropout(x)
+        if spans_of_block:
+            block_spans = torch.stack(spans_of_block)  # layers x B x M
+        else:  # fixed span: every memory lives exactly L steps
+            block_spans = x.new_full((1,), float(min(self.rule.max_span, deletion_limit or self.rule.max_span)))
+        extra = {
+            "aux_loss": aux_loss,
+            "span_avg": block_spans.float().mean(),
+            "span_max": block_spans.float().max(),
+            "mem_sizes": torch.stack(kept).detach(),  # entries kept per layer, mean over streams
+            "attn_mem_avg": torch.stack(attended).mean(),  # paper's |C_t|, mean over layers
+        }
+        return x, extra
+
+    def max_positions(self):
+        return None  # streams have no length limit; the block length is the task's --tokens-per-sample
+
+
+@register_model("fixed_span_lm", dataclass=FixedSpanLMConfig)
+class FixedSpanLanguageModel(FairseqLanguageModel):
+    """Transformer-XL-style baseline: every layer remembers exactly the last L positions."""
+
+    learned_spans = False
+
+    @classmethod
+    def build_model(cls, cfg, task):
+        return cls(ExpireSpanDecoder(cfg, task.target_dictionary, learned_spans=cls.learned_spans))
+
+    def reset_memory(self):
+        self.decoder.reset_memory()
+
+
+@register_model("expire_span_lm", dataclass=ExpireSpanLMConfig)
+class ExpireSpanLanguageModel(FixedSpanLanguageModel):
+    """Expire-Span: every memory gets a learned span ``e = L * sigmoid(w . h + b)`` and is deleted after it."""
+
+    learned_spans = True
+
+
+# Named presets. Each checks the command line first: fairseq's default task/criterion would train the wrong
+# thing silently (translation, shuffled blocks, or no span loss).
+
+
+def _guard(arch):
+    """Run :func:`check_training_command` before an architecture function fills in defaults."""
+
+    def wrapped(args):
+        check_training_command(args)
+        arch(args)
+
+    return wrapped
+
+
+def _set_defaults(args, **defaults):
+    """Fill what the command line left unset (None, or False for on/off flags, which have no "off" switch)."""
+    for name, value in defaults.items():
+        if getattr(args, name, None) in (None, False):
+            setattr(args, name, value)
+
+
+# register_model(name, dataclass) registers a no-op architecture of the same name; give it the guard too.
+ARCH_CONFIG_REGISTRY["expire_span_lm"] = _guard(lambda args: None)
+ARCH_CONFIG_REGISTRY["fixed_span_lm"] = _guard(lambda args: None)
+
+
+@register_model_architecture("expire_span_lm", "expire_span_lm_enwik8")
+@_guard
+def expire_span_lm_enwik8(args):
+    """Paper Table 2: 12 layers, 512 wide, 8 heads, L = 16K, R = 128, noisy spans; 38M params on bytes."""
+    _set_defaults(
+        args,
+        decoder_layers=12,
+        decoder_embed_dim=512,
+        decoder_ffn_embed_dim=2048,
+        decoder_attention_heads=8,
+        dropout=0.3,
+        attention_dropout=0.3,
+        max_span=16384,
+        expire_span_ramp=128,
+        expire_span_noisy=True,
+    )
+
+
+@register_model_architecture("expire_span_lm", "expire_span_lm_enwik8_small")
+@_guard
+def expire_span_lm_enwik8_small(args):
+    """Reference small enwik8 config: 8 layers, 256 wide, 4 heads, L = 4K, R = 64, pre_div 64, no dropout."""
+    _set_defaults(
+        args,
+        decoder_layers=8,
+        decoder_embed_dim=256,
+        decoder_ffn_embed_dim=1024,
+        decoder_attention_heads=4,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_span=4096,
+        expire_span_ramp=64,
+        expire_span_pre_div=64.0,
+    )
+
+
+@register_model_architecture("expire_span_lm", "expire_span_lm_pg19")
+@_guard
+def expire_span_lm_pg19(args):
+    """Paper A.2.4 (PG-19, characters): 12 layers, 512 wide, 8 heads, dropout 0.2, L = 16K (8K..32K), R = 128."""
+    _set_defaults(
+        args,
+        decoder_layers=12,
+        decoder_embed_dim=512,
+        decoder_ffn_embed_dim=2048,
+        decoder_attention_heads=8,
+        dropout=0.2,
+        attention_dropout=0.2,
+        max_span=16384,
+        expire_span_ramp=128,
+    )
+
+
+@register_model_architecture("expire_span_lm", "expire_span_lm_collision")
+@_guard
+def expire_span_lm_collision(args):
+    """Paper A.2.3 (colliding objects): 6 layers, 512 wide, 4 heads, pre-norm, p = 0.01, L = 16K, R = 128."""
+    _set_defaults(
+        args,
+        decoder_layers=6,
+        decoder_embed_dim=512,
+        decoder_ffn_embed_dim=1024,
+        decoder_attention_heads=4,
+        decoder_normalize_before=True,
+        dropout=0.1,
+        attention_dropout=0.1,
+        max_span=16384,
+        expire_span_ramp=128,
+        expire_span_init_percentage=0.01,
+    )
+
+
+@register_model_architecture("expire_span_lm", "expire_span_lm_wt103")
+@_guard
+def expire_span_lm_wt103(args):
+    """Paper A.1.1 / A.2.4 (Wikitext-103, words): 8 layers, 1024 wide, L = 8K, adaptive input and softmax."""
+    _set_defaults(
+        args,
+        decoder_layers=8,
+        decoder_embed_dim=1024,
+        decoder_ffn_embed_dim=4096,
+        decoder_attention_heads=8,
+        dropout=0.3,
+        attention_dropout=0.3,
+        embedding_dropout=0.2,
+        max_span=8192,
+        expire_span_ramp=128,
+        adaptive_input=True,
+        adaptive_input_cutoff="20000,60000",
+        adaptive_softmax_cutoff="20000,60000",
+        adaptive_softmax_dropout=0.2,
+        tie_adaptive_weights=True,
+    )
+
+
+@register_model_architecture("expire_span_lm", "expire_span_lm_tiny")
+@_guard
+def expire_span_lm_tiny(args):
+    """For tests and the demo: 2 layers, 32 wide, L = 64, R = 8."""
+    _set_defaults(
+        args,
+        decoder_layers=2,
+        decoder_embed_dim=32,
+        decoder_ffn_embed_dim=64,
+        decoder_attention_heads=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_span=64,
+        expire_span_ramp=8,
+    )
+
+
+@register_model_architecture("fixed_span_lm", "fixed_span_lm_enwik8")
+@_guard
+def fixed_span_lm_enwik8(args):
+    """The paper's Transformer-XL 12L baseline (Table 2): as expire_span_lm_enwik8 with a fixed span."""
+    _set_defaults(
+        args,
+        decoder_layers=12,
+        decoder_embed_dim=512,
+        decoder_ffn_embed_dim=2048,
+        decoder_attention_heads=8,
+        dropout=0.3,
+        attention_dropout=0.3,
+        max_span=512,
+    )
+
+
+@register_model_architecture("fixed_span_lm", "fixed_span_lm_tiny")
+@_guard
+def fixed_span_lm_tiny(args):
+    """For tests: the tiny preset with a fixed span of 64."""
+    _set_defaults(
+        args,
+        decoder_layers=2,
+        decoder_embed_dim=32,
+        decoder_ffn_embed_dim=64,
+        decoder_attention_heads=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_span=64,
+    )

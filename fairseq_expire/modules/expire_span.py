@@ -1,0 +1,251 @@
+"""Expire-Span attention (Sukhbaatar et al., ICML 2021, section 4), with a per-stream memory that forgets.
+
+Symbols follow the paper: a block of M queries attends over [memory ; block]; memory ``i`` has an expire-span
+``e_i = L * sigmoid(w . h_i + b)`` (4.1), remaining span ``r_{t,i} = e_i - (t - i)`` and soft mask
+``m_{t,i} = clamp(1 + r_{t,i} / R, 0, 1)``; attention ``a'_{t,i} = m_{t,i} exp(s_{t,i}) / sum_j m_{t,j} exp(s_{t,j})``.
+Shapes: B streams, K heads, D = H / K, M queries (block), N memories, T = N + M keys.
+
+A layer's memory holds the layer's *input* hidden states of past positions, detached (truncated BPTT), and their
+distance to the block's first query. The last M entries are always the previous block, so that the relative
+position term (distances 1..M, paper 4.2 "Position Embedding") has a fixed layout. After each block a memory is
+deleted as soon as no query of the next block can see it (4.2 "Block Parallel"); each stream keeps exactly its own
+live entries, padded to the batch maximum and marked by ``valid``.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class LayerMemory:
+    """What one layer remembers of each stream."""
+
+    hidden: Tensor  # B x N x H   layer inputs of past positions (detached)
+    distance: Tensor  # B x N     distance to the current block's first query (fp32, >= 1)
+    valid: Tensor  # B x N        False for padding (streams keep different numbers of entries)
+
+    @classmethod
+    def empty(cls, batch_size: int, block_size: int, hidden_size: int, like: Tensor) -> "LayerMemory":
+        """A memory whose "previous block" is M invalid placeholders, so the position layout always holds."""
+        return cls(
+            hidden=like.new_zeros(batch_size, block_size, hidden_size),
+            distance=_block_distances(block_size, like.device).flip(0).add(block_size).expand(batch_size, -1),
+            valid=torch.zeros(batch_size, block_size, dtype=torch.bool, device=like.device),
+        )
+
+    def __len__(self) -> int:
+        return self.hidden.size(1)
+
+
+def _block_distances(block_size: int, device) -> Tensor:
+    """Distance from the block's first query to each position of the block: 0, -1, ..., -(M-1)."""
+    return -torch.arange(block_size, dtype=torch.float32, device=device)
+
+
+class SpanPredictor(nn.Module):
+    """``e = L * sigmoid(w . (h / pre_div) + b)``, one per layer, shared by the heads; always computed in fp32."""
+
+    def __init__(self, hidden_size: int, max_span: int, init_percentage: float, pre_div: float):
+        super().__init__()
+        self.max_span = max_span
+        self.pre_div = pre_div
+        self.proj = nn.Linear(hidden_size, 1)
+        # w = 0, b = logit(p): every span starts at p * L ("small initial spans", 4.2).
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, math.log(init_percentage / (1.0 - init_percentage)))
+
+    def forward(self, hidden: Tensor) -> Tensor:  # B x T x H -> B x T
+        logit = F.linear(hidden.float() / self.pre_div, self.proj.weight.float(), self.proj.bias.float())
+        return self.max_span * torch.sigmoid(logit.squeeze(-1))
+
+
+def soft_mask(remaining: Tensor, ramp: int) -> Tensor:
+    """``m = clamp(1 + r / R, 0, 1)``: 1 while the memory is alive, a linear ramp of length R, then 0."""
+    return (remaining / ramp + 1.0).clamp(0.0, 1.0)
+
+
+def ramp_span_loss(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
+    """``sum_{t on the ramp} r_{t,i} / R`` for each memory i (4.2 "Loss Computation"), in O(#memories).
+
+    ``remaining_first`` (B x T) is ``r`` seen from the block's first query; query t sees ``r - t``, which is on the
+    ramp (0 < m < 1) for the integers ``r < t < r + R`` inside the block: an arithmetic series per memory whose
+    derivative with respect to ``e_i`` is the number ``n_i`` of such queries.
+    """
+    with torch.no_grad():
+        first = torch.floor(remaining_first).add(1).clamp(min=0)
+        last = torch.ceil(remaining_first + ramp).sub(1).clamp(max=block_size - 1)
+        count = (last - first + 1).clamp(min=0)
+        offsets = count * (first + last) / 2  # sum of t over the ramp queries
+    return (count * remaining_first - offsets) / ramp  # B x T
+
+
+class RelativePositionTable(nn.Module):
+    """Learned key-position vectors ``p_d`` for distances d = 1..M, shared by all layers (as the reference)."""
+
+    def __init__(self, head_dim: int, block_size: int):
+        super().__init__()
+        self.block_size = block_size
+        self.weight = nn.Parameter(torch.randn(head_dim, block_size) / math.sqrt(head_dim))  # D x M
+
+    def scores(self, query: Tensor) -> Tensor:
+        """``q_t . p_{t-i}`` for the last 2M keys (previous and current block), 0 outside distances 1..M.
+
+        query: B x K x M x D  ->  B x K x M x 2M
+        """
+        M = query.size(-2)
+        if M != self.block_size:
+            raise ValueError(
+                f"block of {M} tokens, but the model's position table covers {self.block_size}: use the "
+                "--tokens-per-sample the model was trained with"
+            )
+        by_distance = torch.matmul(query, self.weight.to(query.dtype))  # B x K x M x M, column d-1
+        t = torch.arange(M, device=query.device).unsqueeze(1)
+        key = torch.arange(2 * M, device=query.device).unsqueeze(0)
+        distance = t + M - key  # M x 2M: key index M + j is the block's position j
+        in_range = (distance >= 1) & (distance <= M)
+        index = (distance - 1).clamp(0, M - 1).expand(*by_distance.shape[:-1], -1)
+        return torch.gather(by_distance, -1, index) * in_range.to(query.dtype)
+
+
+@dataclass
+class SpanRule:
+    """How long memories live: learned expire-spans, or the fixed last-L window of Transformer-XL."""
+
+    max_span: int  # L
+    ramp: int  # R (expire-span only)
+    learned: bool  # False: fixed span, m = 1 for 1 <= t - i <= L
+
+
+class ExpireSpanAttention(nn.Module):
+    """Multi-head attention over [memory ; block] with learned expiration, and the memory update after it."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        rule: SpanRule,
+        attention_dropout: float,
+        init_percentage: float = 0.1,
+        pre_div: float = 1.0,
+    ):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"--decoder-embed-dim {hidden_size} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.rule = rule
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.out_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.dropout = nn.Dropout(attention_dropout)
+        self.span_predictor = (
+            SpanPredictor(hidden_size, rule.max_span, init_percentage, pre_div) if rule.learned else None
+        )
+
+    def _heads(self, x: Tensor) -> Tensor:  # B x T x H -> B x K x T x D
+        return x.view(x.size(0), x.size(1), self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        block: Tensor,  # B x M x H   (normalized if pre-norm)
+        memory: Tensor,  # B x N x H  (normalized if pre-norm)
+        memory_distance: Tensor,  # B x N
+        memory_valid: Tensor,  # B x N
+        positions: RelativePositionTable,
+        span_limit: Optional[float] = None,
+    ):
+        """Returns the attention output (B x M x H) and the per-key quantities the caller needs.
+
+        ``span_limit`` caps spans in the mask and the loss (training noise ``u * L``, or the inference cap).
+        """
+        B, M, _ = block.shape
+        keys_in = torch.cat([memory, block], dim=1)  # B x T x H
+        distance_first = torch.cat([memory_distance, _block_distances(M, block.device).expand(B, -1)], 1)  # B x T
+        valid = torch.cat([memory_valid, memory_valid.new_ones(B, M)], dim=1)  # B x T
+        distance = torch.arange(M, device=block.device, dtype=torch.float32).view(1, M, 1) + distance_first.unsqueeze(
+            1
+        )  # B x M x T
+        visible = (distance >= 1) & valid.unsqueeze(1)  # causal, self excluded, no padding
+
+        spans = aux = None
+        if self.rule.learned:
+            spans = self.span_predictor(keys_in)  # B x T, fp32
+            masked_spans = spans if span_limit is None else spans.clamp(max=span_limit)
+            mask = soft_mask(masked_spans.unsqueeze(1) - distance, self.rule.ramp) * visible  # B x M x T
+            aux = ramp_span_loss(masked_spans - distance_first, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
+        else:
+            limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
+            mask = (visible & (distance <= limit)).float()
+
+        q = self._heads(self.q_proj(block))  # B x K x M x D
+        k = self._heads(self.k_proj(keys_in))  # B x K x T x D
+        v = self._heads(self.v_proj(keys_in))  # B x K x T x D
+        scores = torch.matmul(q, k.transpose(-1, -2))  # B x K x M x T
+        scores = torch.cat([scores[..., : -2 * M], scores[..., -2 * M :] + positions.scores(q)], dim=-1)
+        attn = _masked_softmax(scores.float() / math.sqrt(self.head_dim), mask.unsqueeze(1))
+        attn = self.dropout(attn).to(v.dtype)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(B, M, -1)  # B x M x H
+
+        with torch.no_grad():
+            attended = (mask > 0).sum(-1).float().mean()  # |C_t|, averaged over queries and streams
+        return self.out_proj(out), spans, aux, attended
+
+
+def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """``m exp(s) / sum_j m exp(s_j)`` as a softmax with bias ``log m``; a query seeing nothing gets all zeros.
+
+    scores: B x K x M x T (fp32), mask: B x 1 x M x T in [0, 1].
+    """
+    sees_something = (mask > 0).any(-1, keepdim=True)  # B x 1 x M x 1
+    # clamp before log: log's backward at m = 0 would be 0 * inf = NaN.
+    log_mask = torch.where(mask > 0, mask.clamp(min=1e-30).log(), -math.inf)
+    log_mask = log_mask.masked_fill(~sees_something, 0.0)
+    return torch.softmax(scores + log_mask, dim=-1) * sees_something
+
+
+def update_memory(
+    memory: LayerMemory,
+    block: Tensor,
+    spans: Optional[Tensor],
+    rule: SpanRule,
+    span_limit: Optional[float] = None,
+) -> LayerMemory:
+    """Delete memories no query of the next block can see; append the block; shift distances by M.
+
+    Memory ``i`` survives iff ``m > 0`` for the next block's first query, at distance ``d' = d + M``:
+    ``e_i + R > d'`` (expire-span, un-noised ``e``), or ``d' <= L`` (fixed span). The block itself is always
+    kept (it is the next block's "previous block"). So a layer never holds more than L + R - 1 entries.
+    """
+    B, M, _ = block.shape
+    N = len(memory)
+    next_distance = memory.distance + M  # B x N
+    if rule.learned:
+        memory_spans = spans[:, :N]
+        if span_limit is not None:
+            memory_spans = memory_spans.clamp(max=span_limit)
+        keep = memory.valid & (memory_spans + rule.ramp > next_distance)
+    else:
+        limit = rule.max_span if span_limit is None else min(rule.max_span, span_limit)
+        keep = memory.valid & (next_distance <= limit)
+
+    kept = int(keep.sum(1).max()) if N else 0
+    # Stable per-stream compaction: entry j goes to slot (number of kept entries before it); dropped ones go to
+    # a spare slot that is cut off.
+    slot = torch.where(keep, keep.cumsum(1) - 1, kept)  # B x N
+    hidden = block.new_zeros(B, kept + 1, block.size(-1)).scatter_(
+        1, slot.unsqueeze(-1).expand(-1, -1, block.size(-1)), memory.hidden
+    )[:, :kept]
+    distance = next_distance.new_zeros(B, kept + 1).scatter_(1, slot, next_distance)[:, :kept]
+    valid = keep.new_zeros(B, kept + 1).scatter_(1, slot, keep)[:, :kept]
+    return LayerMemory(
+        hidden=torch.cat([hidden, block.detach()], dim=1),
+        distance=torch.cat([distance, _block_distances(M, block.device).add(M).expand(B, -1)], dim=1),
+        valid=torch.cat([valid, valid.new_ones(B, M)], dim=1),
+    )
