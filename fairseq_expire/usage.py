@@ -25,6 +25,8 @@ def check_training_command(args) -> None:
         arch = getattr(args, "arch", "expire_span_lm")
         data = getattr(args, "data", None) or "DATA_DIR"
         raise SystemExit(
-            f"error: --arch {arch} cannot train with " + " and ".join(wrong) + ". Memory models need contiguous "
+            f"error: --arch {arch} cannot train with "
+            + " and ".join(wrong)
+            + ". Memory models need contiguous "
             "streams and the span loss. Run:\n  " + training_command(data, arch)
         )

@@ -69,11 +69,16 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
         if adaptive_softmax is None:
             lprobs = model.get_normalized_probs(net_output, log_probs=True)
             return F.nll_loss(
-                lprobs.view(-1, lprobs.size(-1)), target.view(-1), ignore_index=self.padding_idx, reduction="sum"
+                lprobs.view(-1, lprobs.size(-1)),
+                target.view(-1),
+                ignore_index=self.padding_idx,
+                reduction="sum",
             )
         logits, targets = adaptive_softmax(net_output[0], target.view(-1))
         return sum(
-            F.cross_entropy(cluster_logits.float(), cluster_target, ignore_index=self.padding_idx, reduction="sum")
+            F.cross_entropy(
+                cluster_logits.float(), cluster_target, ignore_index=self.padding_idx, reduction="sum"
+            )
             for cluster_logits, cluster_target in zip(logits, targets)
             if cluster_target is not None
         )
@@ -95,7 +100,9 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
                 metrics.log_scalar(key, total(key) / ntokens, ntokens, round=1)
         mem_keys = [key for key in keys if key.startswith("mem_l")]
         if mem_keys:
-            metrics.log_scalar("mem_avg", sum(total(key) for key in mem_keys) / len(mem_keys) / ntokens, ntokens, 1)
+            metrics.log_scalar(
+                "mem_avg", sum(total(key) for key in mem_keys) / len(mem_keys) / ntokens, ntokens, 1
+            )
         if "n_correct" in keys:
             accuracy = 100.0 * total("n_correct") / ntokens
             metrics.log_scalar("acc", accuracy, ntokens, round=2)

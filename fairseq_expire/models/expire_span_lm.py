@@ -65,7 +65,9 @@ class FixedSpanLMConfig(FairseqDataclass):
         default=False, metadata={"help": "tie the output projection to the input embedding"}
     )
     adaptive_input: bool = field(default=False, metadata={"help": "adaptive input embeddings (word level)"})
-    adaptive_input_factor: float = field(default=4, metadata={"help": "adaptive input: size reduction factor"})
+    adaptive_input_factor: float = field(
+        default=4, metadata={"help": "adaptive input: size reduction factor"}
+    )
     adaptive_input_cutoff: Optional[str] = field(
         default=None, metadata={"help": "adaptive input: comma-separated vocabulary cutoffs"}
     )
@@ -73,7 +75,9 @@ class FixedSpanLMConfig(FairseqDataclass):
         default=None, metadata={"help": "adaptive softmax: comma-separated vocabulary cutoffs (word level)"}
     )
     adaptive_softmax_dropout: float = field(default=0.0, metadata={"help": "adaptive softmax: tail dropout"})
-    adaptive_softmax_factor: float = field(default=4, metadata={"help": "adaptive softmax: size reduction factor"})
+    adaptive_softmax_factor: float = field(
+        default=4, metadata={"help": "adaptive softmax: size reduction factor"}
+    )
     tie_adaptive_weights: bool = field(
         default=False, metadata={"help": "share adaptive input and adaptive softmax weights"}
     )
@@ -241,7 +245,13 @@ class ExpireSpanDecoder(FairseqDecoder):
         memories = self._current_memory(x, reset_memory)
         mask_limit, deletion_limit = self._span_limits()
 
-        new_memories, spans_of_block, aux_loss, attended, kept = [], [], x.new_zeros((), dtype=torch.float), [], []
+        new_memories, spans_of_block, aux_loss, attended, kept = (
+            [],
+            [],
+            x.new_zeros((), dtype=torch.float),
+            [],
+            [],
+        )
         for layer, memory in zip(self.layers, memories):
             out, spans, aux, attn_size = layer(x, memory, self.positions, mask_limit)
             memory = update_memory(memory, x, spans, self.rule, deletion_limit)
@@ -260,7 +270,9 @@ class ExpireSpanDecoder(FairseqDecoder):
         if spans_of_block:
             block_spans = torch.stack(spans_of_block)  # layers x B x M
         else:  # fixed span: every memory lives exactly L steps
-            block_spans = x.new_full((1,), float(min(self.rule.max_span, deletion_limit or self.rule.max_span)))
+            block_spans = x.new_full(
+                (1,), float(min(self.rule.max_span, deletion_limit or self.rule.max_span))
+            )
         extra = {
             "aux_loss": aux_loss,
             "span_avg": block_spans.float().mean(),

@@ -167,9 +167,13 @@ class ExpireSpanAttention(nn.Module):
         """
         B, M, _ = block.shape
         keys_in = torch.cat([memory, block], dim=1)  # B x T x H
-        distance_first = torch.cat([memory_distance, _block_distances(M, block.device).expand(B, -1)], 1)  # B x T
+        distance_first = torch.cat(
+            [memory_distance, _block_distances(M, block.device).expand(B, -1)], 1
+        )  # B x T
         valid = torch.cat([memory_valid, memory_valid.new_ones(B, M)], dim=1)  # B x T
-        distance = torch.arange(M, device=block.device, dtype=torch.float32).view(1, M, 1) + distance_first.unsqueeze(
+        distance = torch.arange(M, device=block.device, dtype=torch.float32).view(
+            1, M, 1
+        ) + distance_first.unsqueeze(
             1
         )  # B x M x T
         visible = (distance >= 1) & valid.unsqueeze(1)  # causal, self excluded, no padding
@@ -179,7 +183,11 @@ class ExpireSpanAttention(nn.Module):
             spans = self.span_predictor(keys_in)  # B x T, fp32
             masked_spans = spans if span_limit is None else spans.clamp(max=span_limit)
             mask = soft_mask(masked_spans.unsqueeze(1) - distance, self.rule.ramp) * visible  # B x M x T
-            aux = ramp_span_loss(masked_spans - distance_first, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
+            aux = (
+                ramp_span_loss(masked_spans - distance_first, M, self.rule.ramp)
+                .masked_fill(~valid, 0.0)
+                .sum()
+            )
         else:
             limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
             mask = (visible & (distance <= limit)).float()

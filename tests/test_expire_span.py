@@ -1,0 +1,279 @@
+"""The mechanism against the paper's equations: masking law, span loss, deletion, bounded memory, baseline."""
+
+import argparse
+import math
+
+import pytest
+import torch
+from fairseq.data import Dictionary
+from fairseq.models import ARCH_CONFIG_REGISTRY
+
+import fairseq_expire.models.expire_span_lm as lm
+from fairseq_expire.modules.expire_span import LayerMemory, ramp_span_loss, soft_mask
+
+
+def make_dictionary(size=12):
+    dictionary = Dictionary()
+    for i in range(size):
+        dictionary.add_symbol(f"w{i}")
+    return dictionary
+
+
+def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, **overrides):
+    config_class = lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig
+    options = dict(
+        tokens_per_sample=block,
+        decoder_layers=layers,
+        decoder_embed_dim=16,
+        decoder_ffn_embed_dim=32,
+        decoder_attention_heads=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_span=max_span,
+    )
+    if learned:
+        options.update(expire_span_ramp=ramp, expire_span_init_percentage=init)
+    options.update(overrides)
+    model_class = lm.ExpireSpanLanguageModel if learned else lm.FixedSpanLanguageModel
+    return model_class(lm.ExpireSpanDecoder(config_class(**options), make_dictionary(), learned))
+
+
+def run_stream(model, tokens, block):
+    """Feed a B x T stream block by block (memory carried across calls); B x T x V logits."""
+    outputs = []
+    for k in range(0, tokens.size(1), block):
+        logits, _ = model(tokens[:, k : k + block], reset_memory=(k == 0))
+        outputs.append(logits)
+    return torch.cat(outputs, dim=1)
+
+
+def influence(model, block, length, position, seed=0):
+    """Positions t whose output changes when the token at ``position`` changes (1-layer model)."""
+    torch.manual_seed(seed)
+    tokens = torch.randint(4, 12, (1, length))
+    changed = tokens.clone()
+    changed[0, position] = 4 + (tokens[0, position] - 4 + 1) % 8
+    with torch.no_grad():
+        delta = (run_stream(model, tokens, block) - run_stream(model, changed, block)).abs().amax(-1)[0]
+    return {t for t in range(length) if t != position and delta[t] > 1e-6}
+
+
+@pytest.mark.parametrize("position", [0, 5, 13, 22])
+def test_masking_law_output_depends_on_token_exactly_within_e_plus_r(position):
+    torch.manual_seed(0)
+    model = make_model(block=8, max_span=32, ramp=4, init=0.25).eval()  # e = p * L = 8, visible iff d < 12
+    e, R = 0.25 * 32, 4
+    seen = influence(model, block=8, length=48, position=position)
+    expected = {position + d for d in range(1, 48) if d < e + R and position + d < 48}
+    assert seen == expected
+
+
+def test_fixed_span_attends_exactly_the_last_L_positions():
+    torch.manual_seed(0)
+    model = make_model(learned=False, block=8, max_span=20).eval()
+    seen = influence(model, block=8, length=48, position=6)
+    assert seen == {6 + d for d in range(1, 21)}
+
+
+def test_inference_cap_shortens_what_is_seen():
+    torch.manual_seed(0)
+    model = make_model(block=8, max_span=32, ramp=4, init=0.25, inference_max_span=5).eval()
+    assert influence(model, block=8, length=40, position=10) == {10 + d for d in range(1, 9)}  # d < 5 + 4
+
+
+def dense_ramp_loss(remaining_first, block, ramp):
+    """Naive O(M x T) reference: every (query, memory) pair, ``r / R`` where ``0 < m < 1``."""
+    t = torch.arange(block, dtype=torch.float32).view(1, block, 1)
+    remaining = remaining_first.unsqueeze(1) - t  # B x M x T
+    mask = soft_mask(remaining, ramp)
+    on_ramp = (mask > 0) & (mask < 1)
+    return (remaining * on_ramp).sum(1) / ramp, on_ramp.sum(1)  # B x T, n_i
+
+
+def test_span_loss_matches_dense_reference_and_its_gradient_is_n_over_R():
+    torch.manual_seed(0)
+    block, ramp = 16, 8
+    spans = (torch.rand(3, 50) * 64).requires_grad_()
+    distance = torch.cat([torch.arange(70, 36, -1).float(), -torch.arange(block).float()]).expand(3, -1)
+    fast = ramp_span_loss(spans - distance, block, ramp)
+    dense, on_ramp_count = dense_ramp_loss(spans - distance, block, ramp)
+    assert torch.allclose(fast, dense, atol=1e-4)
+    (grad,) = torch.autograd.grad(fast.sum(), spans)
+    assert (on_ramp_count > 0).any() and (on_ramp_count == 0).any()
+    assert torch.allclose(grad, on_ramp_count.float() / ramp)
+
+
+def test_span_loss_of_the_layer_equals_the_dense_sum():
+    torch.manual_seed(0)
+    model = make_model(block=8, layers=1, max_span=32, ramp=4)
+    predictor = model.decoder.layers[0].attention.span_predictor
+    torch.nn.init.normal_(predictor.proj.weight, std=1.0)  # spans vary per token and stream
+    tokens = torch.randint(4, 12, (2, 32))
+    memory = None
+    for k in range(0, 32, 8):
+        memory = model.decoder.memory()
+        _, extra = model(tokens[:, k : k + 8], reset_memory=(k == 0))
+    keys = torch.cat([memory[0].hidden, model.decoder.embed_tokens(tokens[:, 24:])], 1)
+    spans = predictor(keys)
+    distance_first = torch.cat([memory[0].distance, -torch.arange(8.0).expand(2, -1)], 1)
+    valid = torch.cat([memory[0].valid, torch.ones(2, 8, dtype=torch.bool)], 1)
+    dense, _ = dense_ramp_loss(spans - distance_first, 8, 4)
+    assert torch.allclose(extra["aux_loss"], (dense * valid).sum(), atol=1e-4)
+
+
+def test_span_predictor_gets_gradient_only_through_ramp_mask_and_aux():
+    torch.manual_seed(0)
+    model = make_model(block=8, max_span=32, ramp=4, init=0.25)
+    predictor = model.decoder.layers[0].attention.span_predictor
+    tokens = torch.randint(4, 12, (2, 8))
+    logits, extra = model(tokens, reset_memory=True)  # first block: e = 8, R = 4, d <= 7: mask is 1, no ramp
+    logits.sum().backward(retain_graph=True)
+    assert predictor.proj.bias.grad is None or predictor.proj.bias.grad.abs().max() == 0
+    extra["aux_loss"].backward()
+    assert predictor.proj.bias.grad is None or predictor.proj.bias.grad.abs().max() == 0
+    model.zero_grad()
+    logits, extra = model(tokens)  # second block: memories at distances 9..11 are on the ramp
+    logits.sum().backward(retain_graph=True)
+    assert predictor.proj.bias.grad.abs().max() > 0
+    model.zero_grad()
+    extra["aux_loss"].backward()
+    assert predictor.proj.bias.grad.abs().max() > 0
+
+
+def keep_everything(memory, block, spans, rule, span_limit=None):
+    """Reference memory: never delete anything, only append and shift distances."""
+    M = block.size(1)
+    return LayerMemory(
+        hidden=torch.cat([memory.hidden, block.detach()], 1),
+        distance=torch.cat(
+            [memory.distance, -torch.arange(M, dtype=torch.float32).expand(block.size(0), -1)], 1
+        )
+        + M,
+        valid=torch.cat([memory.valid, memory.valid.new_ones(block.size(0), M)], 1),
+    )
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_deleting_memories_never_changes_outputs(monkeypatch, learned):
+    torch.manual_seed(0)
+    model = make_model(learned=learned, block=8, layers=2, max_span=24, ramp=4, init=0.3).eval()
+    if learned:
+        for layer in model.decoder.layers:
+            torch.nn.init.normal_(
+                layer.attention.span_predictor.proj.weight, std=2.0
+            )  # spans differ per stream
+    tokens = torch.randint(4, 12, (3, 96))
+    with torch.no_grad():
+        deleting = run_stream(model, tokens, 8)
+        kept = [len(memory) for memory in model.decoder.memory()]
+        monkeypatch.setattr(lm, "update_memory", keep_everything)
+        keeping = run_stream(model, tokens, 8)
+    assert max(kept) < 96  # something was deleted
+    assert torch.allclose(deleting, keeping, atol=1e-5)
+
+
+def test_memory_stays_bounded_when_spans_reach_L():
+    torch.manual_seed(0)
+    L, R, M = 40, 8, 8
+    model = make_model(block=M, layers=2, max_span=L, ramp=R)
+    for layer in model.decoder.layers:
+        torch.nn.init.constant_(layer.attention.span_predictor.proj.bias, 30.0)  # e = L
+    tokens = torch.randint(4, 12, (2, 40 * M))
+    for k in range(0, tokens.size(1), M):
+        logits, extra = model(tokens[:, k : k + M], reset_memory=(k == 0))
+        extra["aux_loss"].backward()
+        assert all(len(memory) <= L + R for memory in model.decoder.memory())
+        assert torch.isfinite(logits).all()
+    assert extra["span_max"] == pytest.approx(L)
+
+
+def test_query_with_nothing_to_attend_gives_zeros_not_nan():
+    torch.manual_seed(0)
+    model = make_model(block=8)
+    attention = model.decoder.layers[0].attention
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    memory = LayerMemory.empty(2, 8, 16, like=x)
+    out, *_ = attention(x, memory.hidden, memory.distance, memory.valid, model.decoder.positions)
+    assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))  # the stream's first query sees nothing
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_batch_size_change_resets_memory_with_a_log_line(caplog):
+    model = make_model(block=8)
+    model(torch.randint(4, 12, (3, 8)), reset_memory=True)
+    with caplog.at_level("INFO"):
+        model(torch.randint(4, 12, (2, 8)))
+    assert "memory reset" in caplog.text
+    assert model.decoder.memory()[0].hidden.size(0) == 2
+
+
+def test_training_and_evaluation_memories_are_separate():
+    model = make_model(block=8)
+    model.train()
+    model(torch.randint(4, 12, (2, 8)), reset_memory=True)
+    model(torch.randint(4, 12, (2, 8)))
+    train_memory = model.decoder.memory()
+    model.eval()
+    model(torch.randint(4, 12, (2, 8)), reset_memory=True)
+    model.train()
+    assert model.decoder.memory() is train_memory
+    assert "_memory" not in dict(model.named_buffers()) and not any("memory" in k for k in model.state_dict())
+
+
+def preset_args(arch, **extra):
+    args = argparse.Namespace(
+        arch=arch, task="language_modeling_with_memory", criterion="expire_span_cross_entropy", **extra
+    )
+    ARCH_CONFIG_REGISTRY[arch](args)
+    return args
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "expire_span_lm_enwik8",
+        "expire_span_lm_enwik8_small",
+        "expire_span_lm_pg19",
+        "expire_span_lm_collision",
+        "expire_span_lm_wt103",
+        "expire_span_lm_tiny",
+        "fixed_span_lm_enwik8",
+        "fixed_span_lm_tiny",
+    ],
+)
+def test_every_preset_builds(arch):
+    args = preset_args(arch)
+    learned = arch.startswith("expire")
+    config_class = lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig
+    fields = {k: v for k, v in vars(args).items() if k in config_class.__dataclass_fields__}
+    config = config_class(**{**fields, "tokens_per_sample": 16})
+    vocabulary = 70000 if arch.endswith("wt103") else 256
+    with torch.device("meta"):
+        decoder = lm.ExpireSpanDecoder(config, make_dictionary(vocabulary - 4), learned)
+    parameters = sum(p.numel() for p in decoder.parameters())
+    assert parameters > 0
+    if arch == "expire_span_lm_enwik8":
+        assert 37e6 < parameters < 39e6  # paper Table 2: 38M
+    if arch == "expire_span_lm_collision":
+        assert args.decoder_normalize_before and args.expire_span_init_percentage == 0.01
+
+
+@pytest.mark.parametrize(
+    "task,criterion",
+    [
+        ("translation", "cross_entropy"),
+        ("language_modeling", "expire_span_cross_entropy"),
+        ("language_modeling_with_memory", "cross_entropy"),
+    ],
+)
+def test_wrong_task_or_criterion_stops_with_the_full_command(task, criterion):
+    args = argparse.Namespace(arch="expire_span_lm", task=task, criterion=criterion, data="data-bin/enwik8")
+    with pytest.raises(SystemExit) as error:
+        ARCH_CONFIG_REGISTRY["expire_span_lm"](args)
+    message = str(error.value)
+    assert (
+        "--task language_modeling_with_memory" in message
+        and "--criterion expire_span_cross_entropy" in message
+    )
+    assert "fairseq-train data-bin/enwik8" in message
