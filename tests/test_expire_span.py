@@ -114,7 +114,7 @@ def test_span_loss_of_the_layer_equals_the_dense_sum():
         memory = model.decoder.memory()
         _, extra = model(tokens[:, k : k + 8], reset_memory=(k == 0))
     keys = torch.cat([memory[0].hidden, model.decoder.embed_tokens(tokens[:, 24:])], 1)
-    spans = predictor(keys)
+    spans = predictor(keys)  # recomputed from the stored hidden states
     distance_first = torch.cat([memory[0].distance, -torch.arange(8.0).expand(2, -1)], 1)
     valid = torch.cat([memory[0].valid, torch.ones(2, 8, dtype=torch.bool)], 1)
     dense, _ = dense_ramp_loss(spans - distance_first, 8, 4)
@@ -140,8 +140,8 @@ def test_span_predictor_gets_gradient_only_through_ramp_mask_and_aux():
     assert predictor.proj.bias.grad.abs().max() > 0
 
 
-def keep_everything(memory, block, spans, rule, span_limit=None):
-    """Reference memory: never delete anything, only append and shift distances."""
+def keep_everything(memory, block, past, now, rule, span_limit=None, cache_projection=False):
+    """Reference memory: never delete anything, only append and shift distances (no projection cache)."""
     M = block.size(1)
     return LayerMemory(
         hidden=torch.cat([memory.hidden, block.detach()], 1),
@@ -193,7 +193,8 @@ def test_query_with_nothing_to_attend_gives_zeros_not_nan():
     attention = model.decoder.layers[0].attention
     x = torch.randn(2, 8, 16, requires_grad=True)
     memory = LayerMemory.empty(2, 8, 16, like=x)
-    out, *_ = attention(x, memory.hidden, memory.distance, memory.valid, model.decoder.positions)
+    past = attention.project(memory.hidden)
+    out, *_ = attention(x, past, memory.distance, memory.valid, model.decoder.positions)
     assert torch.equal(out[:, 0], torch.zeros_like(out[:, 0]))  # the stream's first query sees nothing
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -277,3 +278,23 @@ def test_wrong_task_or_criterion_stops_with_the_full_command(task, criterion):
         and "--criterion expire_span_cross_entropy" in message
     )
     assert "fairseq-train data-bin/enwik8" in message
+
+
+@pytest.mark.parametrize("learned", [True, False])
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_cached_evaluation_projections_match_the_plain_path(learned, pre_norm):
+    torch.manual_seed(0)
+    model = make_model(
+        learned=learned, block=8, layers=2, max_span=24, decoder_normalize_before=pre_norm
+    ).eval()
+    if learned:
+        for layer in model.decoder.layers:
+            torch.nn.init.normal_(layer.attention.span_predictor.proj.weight, std=2.0)
+    tokens = torch.randint(4, 12, (3, 96))
+    with torch.no_grad():
+        cached = run_stream(model, tokens, 8)
+        assert model.decoder.memory()[0].projection is not None
+        model.decoder.cache_projections_in_eval = False
+        plain = run_stream(model, tokens, 8)
+        assert model.decoder.memory()[0].projection is None
+    assert torch.allclose(cached, plain, atol=1e-5)

@@ -126,13 +126,12 @@ class ExpireSpanLayer(nn.Module):
         return self.fc2(self.dropout(F.relu(self.fc1(x))))
 
     def forward(self, x, memory: LayerMemory, positions, span_limit):
-        """x: B x M x H, the layer input; returns the output and the attention's per-key quantities."""
-        if self.normalize_before:
-            block, past = self.attention_norm(x), self.attention_norm(memory.hidden)
-        else:
-            block, past = x, memory.hidden
-        attended, spans, aux, attn_size = self.attention(
-            block, past, memory.distance, memory.valid, positions, span_limit
+        """x: B x M x H, the layer input. Returns the output, the projections of memory and block, span loss
+        and |C_t|."""
+        norm = self.attention_norm if self.normalize_before else (lambda h: h)
+        past = memory.projection or self.attention.project(norm(memory.hidden))
+        attended, now, aux, attn_size = self.attention(
+            norm(x), past, memory.distance, memory.valid, positions, span_limit
         )
         if self.normalize_before:
             h = x + attended
@@ -140,7 +139,7 @@ class ExpireSpanLayer(nn.Module):
         else:
             h = self.attention_norm(x + attended)
             out = self.ffn_norm(h + self.feed_forward(h))
-        return out, spans, aux, attn_size
+        return out, past, now, aux, attn_size
 
 
 class ExpireSpanDecoder(FairseqDecoder):
@@ -198,6 +197,9 @@ class ExpireSpanDecoder(FairseqDecoder):
             if cfg.share_decoder_input_output_embed:
                 self.output_projection.weight = self.embed_tokens.weight
         self._memory = {}  # {training: [LayerMemory per layer]}
+        # Evaluation keeps the keys, values and spans of memories instead of recomputing them every block (the
+        # weights do not change). False gives the plain path, which recomputes them as training does.
+        self.cache_projections_in_eval = True
 
     def reset_memory(self):
         """Forget everything, in training and evaluation mode alike."""
@@ -245,6 +247,7 @@ class ExpireSpanDecoder(FairseqDecoder):
         memories = self._current_memory(x, reset_memory)
         mask_limit, deletion_limit = self._span_limits()
 
+        cache = not self.training and self.cache_projections_in_eval
         new_memories, spans_of_block, aux_loss, attended, kept = (
             [],
             [],
@@ -253,13 +256,13 @@ class ExpireSpanDecoder(FairseqDecoder):
             [],
         )
         for layer, memory in zip(self.layers, memories):
-            out, spans, aux, attn_size = layer(x, memory, self.positions, mask_limit)
-            memory = update_memory(memory, x, spans, self.rule, deletion_limit)
+            out, past, now, aux, attn_size = layer(x, memory, self.positions, mask_limit)
+            memory = update_memory(memory, x, past, now, self.rule, deletion_limit, cache)
             new_memories.append(memory)
             kept.append(memory.valid.sum(1).float().mean())
             attended.append(attn_size)
-            if spans is not None:
-                spans_of_block.append(spans[:, -M:].detach())
+            if now.spans is not None:
+                spans_of_block.append(now.spans.detach())
                 aux_loss = aux_loss + aux
             x = out
         self._memory[self.training] = new_memories

@@ -23,12 +23,22 @@ from torch import Tensor
 
 
 @dataclass
+class Projection:
+    """Keys and values (B x T x H) and expire-spans (B x T, fp32; None for fixed spans) of T positions."""
+
+    keys: Tensor
+    values: Tensor
+    spans: Optional[Tensor]
+
+
+@dataclass
 class LayerMemory:
     """What one layer remembers of each stream."""
 
     hidden: Tensor  # B x N x H   layer inputs of past positions (detached)
     distance: Tensor  # B x N     distance to the current block's first query (fp32, >= 1)
     valid: Tensor  # B x N        False for padding (streams keep different numbers of entries)
+    projection: Optional[Projection] = None  # evaluation: cached, since the weights do not change
 
     @classmethod
     def empty(cls, batch_size: int, block_size: int, hidden_size: int, like: Tensor) -> "LayerMemory":
@@ -152,35 +162,37 @@ class ExpireSpanAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:  # B x T x H -> B x K x T x D
         return x.view(x.size(0), x.size(1), self.num_heads, self.head_dim).transpose(1, 2)
 
+    def project(self, x: Tensor) -> Projection:
+        """Keys, values and spans of positions (B x T x H, normalized if pre-norm)."""
+        spans = self.span_predictor(x) if self.span_predictor is not None else None
+        return Projection(self.k_proj(x), self.v_proj(x), spans)
+
     def forward(
         self,
         block: Tensor,  # B x M x H   (normalized if pre-norm)
-        memory: Tensor,  # B x N x H  (normalized if pre-norm)
+        past: Projection,  # of the N memories
         memory_distance: Tensor,  # B x N
         memory_valid: Tensor,  # B x N
         positions: RelativePositionTable,
         span_limit: Optional[float] = None,
     ):
-        """Returns the attention output (B x M x H) and the per-key quantities the caller needs.
+        """Attention output (B x M x H), the block's projection, the span loss (None for fixed spans) and |C_t|.
 
         ``span_limit`` caps spans in the mask and the loss (training noise ``u * L``, or the inference cap).
         """
         B, M, _ = block.shape
-        keys_in = torch.cat([memory, block], dim=1)  # B x T x H
+        now = self.project(block)
         distance_first = torch.cat(
             [memory_distance, _block_distances(M, block.device).expand(B, -1)], 1
         )  # B x T
         valid = torch.cat([memory_valid, memory_valid.new_ones(B, M)], dim=1)  # B x T
-        distance = torch.arange(M, device=block.device, dtype=torch.float32).view(
-            1, M, 1
-        ) + distance_first.unsqueeze(
-            1
-        )  # B x M x T
+        query_offset = torch.arange(M, device=block.device, dtype=torch.float32).view(1, M, 1)
+        distance = query_offset + distance_first.unsqueeze(1)  # B x M x T: t - i
         visible = (distance >= 1) & valid.unsqueeze(1)  # causal, self excluded, no padding
 
         spans = aux = None
         if self.rule.learned:
-            spans = self.span_predictor(keys_in)  # B x T, fp32
+            spans = torch.cat([past.spans, now.spans], dim=1)  # B x T, fp32
             masked_spans = spans if span_limit is None else spans.clamp(max=span_limit)
             mask = soft_mask(masked_spans.unsqueeze(1) - distance, self.rule.ramp) * visible  # B x M x T
             aux = (
@@ -193,8 +205,8 @@ class ExpireSpanAttention(nn.Module):
             mask = (visible & (distance <= limit)).float()
 
         q = self._heads(self.q_proj(block))  # B x K x M x D
-        k = self._heads(self.k_proj(keys_in))  # B x K x T x D
-        v = self._heads(self.v_proj(keys_in))  # B x K x T x D
+        k = self._heads(torch.cat([past.keys, now.keys], dim=1))  # B x K x T x D
+        v = self._heads(torch.cat([past.values, now.values], dim=1))  # B x K x T x D
         scores = torch.matmul(q, k.transpose(-1, -2))  # B x K x M x T
         scores = torch.cat([scores[..., : -2 * M], scores[..., -2 * M :] + positions.scores(q)], dim=-1)
         attn = _masked_softmax(scores.float() / math.sqrt(self.head_dim), mask.unsqueeze(1))
@@ -203,7 +215,7 @@ class ExpireSpanAttention(nn.Module):
 
         with torch.no_grad():
             attended = (mask > 0).sum(-1).float().mean()  # |C_t|, averaged over queries and streams
-        return self.out_proj(out), spans, aux, attended
+        return self.out_proj(out), now, aux, attended
 
 
 def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
@@ -221,24 +233,26 @@ def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
 def update_memory(
     memory: LayerMemory,
     block: Tensor,
-    spans: Optional[Tensor],
+    past: Projection,
+    now: Projection,
     rule: SpanRule,
     span_limit: Optional[float] = None,
+    cache_projection: bool = False,
 ) -> LayerMemory:
     """Delete memories no query of the next block can see; append the block; shift distances by M.
 
     Memory ``i`` survives iff ``m > 0`` for the next block's first query, at distance ``d' = d + M``:
     ``e_i + R > d'`` (expire-span, un-noised ``e``), or ``d' <= L`` (fixed span). The block itself is always
     kept (it is the next block's "previous block"). So a layer never holds more than L + R - 1 entries.
+    ``past``/``now`` are the projections the attention used for the memory and the block; with
+    ``cache_projection`` (evaluation) they are kept so the next block need not recompute them.
     """
     B, M, _ = block.shape
     N = len(memory)
     next_distance = memory.distance + M  # B x N
     if rule.learned:
-        memory_spans = spans[:, :N]
-        if span_limit is not None:
-            memory_spans = memory_spans.clamp(max=span_limit)
-        keep = memory.valid & (memory_spans + rule.ramp > next_distance)
+        spans = past.spans if span_limit is None else past.spans.clamp(max=span_limit)
+        keep = memory.valid & (spans + rule.ramp > next_distance)
     else:
         limit = rule.max_span if span_limit is None else min(rule.max_span, span_limit)
         keep = memory.valid & (next_distance <= limit)
@@ -247,13 +261,23 @@ def update_memory(
     # Stable per-stream compaction: entry j goes to slot (number of kept entries before it); dropped ones go to
     # a spare slot that is cut off.
     slot = torch.where(keep, keep.cumsum(1) - 1, kept)  # B x N
-    hidden = block.new_zeros(B, kept + 1, block.size(-1)).scatter_(
-        1, slot.unsqueeze(-1).expand(-1, -1, block.size(-1)), memory.hidden
-    )[:, :kept]
-    distance = next_distance.new_zeros(B, kept + 1).scatter_(1, slot, next_distance)[:, :kept]
-    valid = keep.new_zeros(B, kept + 1).scatter_(1, slot, keep)[:, :kept]
+
+    def compact_and_append(old: Tensor, new: Tensor) -> Tensor:
+        index = slot.view(B, N, *([1] * (old.dim() - 2))).expand_as(old)
+        compacted = old.new_zeros(B, kept + 1, *old.shape[2:]).scatter_(1, index, old)[:, :kept]
+        return torch.cat([compacted, new.detach()], dim=1)
+
+    projection = None
+    if cache_projection:
+        projection = Projection(
+            *(
+                compact_and_append(old, new) if old is not None else None
+                for old, new in ((past.keys, now.keys), (past.values, now.values), (past.spans, now.spans))
+            )
+        )
     return LayerMemory(
-        hidden=torch.cat([hidden, block.detach()], dim=1),
-        distance=torch.cat([distance, _block_distances(M, block.device).add(M).expand(B, -1)], dim=1),
-        valid=torch.cat([valid, valid.new_ones(B, M)], dim=1),
+        hidden=compact_and_append(memory.hidden, block),
+        distance=compact_and_append(next_distance, _block_distances(M, block.device).add(M).expand(B, -1)),
+        valid=compact_and_append(keep, keep.new_ones(B, M)),
+        projection=projection,
     )
