@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Speed and memory of expire_span_lm against fixed_span_lm, side by side in one run.
+
+Each measurement runs in its own subprocess so that peak memory (CPU RSS, or CUDA max allocated) is its own.
+Training: forward + backward + Adam step on a stream of text, carrying the memory across blocks; evaluation:
+forward only, with and without the cached memory keys/values. Prints a Markdown table and writes JSON.
+
+    python scripts/benchmark.py --lengths 1024 4096 16384 --batches 20 --json bench.json
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = {
+    # The issue's CPU comparison point: 4 layers, 256 wide, 4 heads, block 256, batch 8, R = 64, p = 0.1.
+    "cpu_small": dict(layers=4, width=256, ffn=1024, heads=4, block=256, batch=8, ramp=64, init=0.1),
+    "tiny": dict(layers=2, width=32, ffn=64, heads=2, block=16, batch=2, ramp=8, init=0.1),
+}
+
+
+def measure(args) -> dict:
+    """One configuration, in this process."""
+    import torch
+    from fairseq.data import Dictionary
+
+    import fairseq_expire.models.expire_span_lm as lm
+
+    cfg = CONFIGS[args.config]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    dictionary = Dictionary()
+    for i in range(252):
+        dictionary.add_symbol(str(i))
+    learned = args.model == "expire_span_lm"
+    options = dict(
+        tokens_per_sample=cfg["block"],
+        decoder_layers=cfg["layers"],
+        decoder_embed_dim=cfg["width"],
+        decoder_ffn_embed_dim=cfg["ffn"],
+        decoder_attention_heads=cfg["heads"],
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_span=args.max_span,
+    )
+    if learned:
+        options.update(expire_span_ramp=cfg["ramp"], expire_span_init_percentage=cfg["init"])
+    config = (lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig)(**options)
+    model = lm.FixedSpanLanguageModel(lm.ExpireSpanDecoder(config, dictionary, learned)).to(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    B, M = cfg["batch"], cfg["block"]
+    stream = torch.randint(4, len(dictionary), (B, (args.warmup + args.batches + 1) * M), device=device)
+    if args.mode == "eval":
+        model.eval()
+        model.decoder.cache_projections_in_eval = args.eval_cache
+    else:
+        model.train()
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times, spans, kept = [], [], []
+    for k in range(args.warmup + args.batches):
+        tokens = stream[:, k * M : (k + 1) * M]
+        target = stream[:, k * M + 1 : (k + 1) * M + 1]
+        synchronize()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if args.mode == "eval":
+                with torch.no_grad():
+                    logits, extra = model(tokens, reset_memory=(k == 0))
+            else:
+                logits, extra = model(tokens, reset_memory=(k == 0))
+                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+                (loss + 1e-6 * extra["aux_loss"]).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        synchronize()
+        if k >= args.warmup:
+            times.append(time.perf_counter() - start)
+            spans.append(float(extra["span_avg"]))
+            kept.append([float(x) for x in extra["mem_sizes"]])
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    batch_time = statistics.median(times)
+    return {
+        "config": args.config,
+        "model": args.model,
+        "mode": args.mode + ("" if args.mode == "train" else ("+cache" if args.eval_cache else "")),
+        "max_span": args.max_span,
+        "dtype": args.dtype,
+        "device": str(device),
+        "tokens_per_s": B * M / batch_time,
+        "batch_time_ms": 1000 * batch_time,
+        "peak_memory_mb": peak_mb,
+        "span_avg": statistics.mean(spans),
+        "memory_per_layer": [round(statistics.mean(layer), 1) for layer in zip(*kept)],
+    }
+
+
+def run_in_subprocess(args, **overrides) -> dict:
+    command = [sys.executable, __file__, "--measure"]
+    for key, value in {**vars(args), **overrides}.items():
+        if key in ("measure", "json", "lengths", "markdown", "models", "modes"):
+            continue
+        if isinstance(value, bool):
+            command += [f"--{key.replace('_', '-')}"] if value else []
+        else:
+            command += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark run failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows) -> str:
+    lines = [
+        "| model | mode | L | tokens/s | ms/batch | peak MB | span avg | memory/layer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        memory = sum(r["memory_per_layer"]) / len(r["memory_per_layer"])
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['max_span']} | {r['tokens_per_s']:.0f} | {r['batch_time_ms']:.0f} "
+            f"| {r['peak_memory_mb']:.0f} | {r['span_avg']:.0f} | {memory:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu_small")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="max spans L")
+    parser.add_argument("--models", nargs="+", default=["expire_span_lm", "fixed_span_lm"])
+    parser.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
+    parser.add_argument("--batches", type=int, default=10, help="timed batches (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--json", type=Path, help="write all figures here")
+    # internal: one measurement
+    parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="expire_span_lm", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="train", help=argparse.SUPPRESS)
+    parser.add_argument("--max-span", type=int, default=1024, help=argparse.SUPPRESS)
+    parser.add_argument("--eval-cache", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args)))
+        return
+
+    rows = []
+    for length in args.lengths:
+        for model in args.models:
+            for mode in args.modes:
+                caches = [True, False] if mode == "eval" and model == "expire_span_lm" else [mode == "eval"]
+                for cache in caches:
+                    row = run_in_subprocess(args, model=model, mode=mode, max_span=length, eval_cache=cache)
+                    rows.append(row)
+                    print(markdown([row]).splitlines()[-1], flush=True)
+    print()
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
