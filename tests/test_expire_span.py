@@ -298,3 +298,65 @@ def test_cached_evaluation_projections_match_the_plain_path(learned, pre_norm):
         plain = run_stream(model, tokens, 8)
         assert model.decoder.memory()[0].projection is None
     assert torch.allclose(cached, plain, atol=1e-5)
+
+
+def reference_attention(attention, block, memory, positions, span_limit=None):
+    """The paper's formula written out densely: a' = m exp(s) / sum_j m exp(s_j), s = q.(k + p_{t-i}) / sqrt(D)."""
+    B, M, H = block.shape
+    K, D = attention.num_heads, attention.head_dim
+    keys_in = torch.cat([memory.hidden, block], 1)
+    T = keys_in.size(1)
+    t = torch.arange(M, dtype=torch.float32).view(1, M, 1)
+    first = torch.cat([memory.distance, -torch.arange(M, dtype=torch.float32).expand(B, -1)], 1)
+    d = first.unsqueeze(1) + t  # B x M x T
+    valid = torch.cat([memory.valid, torch.ones(B, M, dtype=torch.bool)], 1).unsqueeze(1)
+    if attention.rule.learned:
+        e = attention.span_predictor(keys_in)
+        e = e if span_limit is None else e.clamp(max=span_limit)
+        m = soft_mask(e.unsqueeze(1) - d, attention.rule.ramp)
+    else:
+        m = (d <= min(attention.rule.max_span, span_limit or math.inf)).float()
+    m = m * (d >= 1) * valid  # B x M x T
+    q = attention.q_proj(block).view(B, M, K, D).transpose(1, 2)
+    k = attention.k_proj(keys_in).view(B, T, K, D).transpose(1, 2)
+    v = attention.v_proj(keys_in).view(B, T, K, D).transpose(1, 2)
+    s = q @ k.transpose(-1, -2)  # B x K x M x T
+    p = positions.weight.t()  # M x D, row d-1
+    for ti in range(M):
+        for j in range(T):
+            dist = int(d[0, ti, j])  # same for every stream in this test
+            if 1 <= dist <= M and j >= T - 2 * M:
+                s[:, :, ti, j] = s[:, :, ti, j] + q[:, :, ti] @ p[dist - 1]
+    s = s / math.sqrt(D)
+    weights = m.unsqueeze(1) * torch.exp(s - s.amax(-1, keepdim=True))
+    total = weights.sum(-1, keepdim=True)
+    a = torch.where(total > 0, weights / total.clamp(min=1e-30), torch.zeros_like(weights))
+    out = (a @ v).transpose(1, 2).reshape(B, M, H)
+    return attention.out_proj(out), (m > 0).sum(-1).float().mean()
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_attention_matches_the_dense_paper_formula_in_values_and_gradients(learned):
+    torch.manual_seed(0)
+    model = make_model(learned=learned, block=6, max_span=10, ramp=3, init=0.4)
+    attention, positions = model.decoder.layers[0].attention, model.decoder.positions
+    if learned:
+        torch.nn.init.normal_(attention.span_predictor.proj.weight, std=1.0)
+    B, M, N, H = 2, 6, 9, 16
+    memory = LayerMemory(
+        hidden=torch.randn(B, N, H),
+        distance=torch.arange(N, 0, -1, dtype=torch.float32).expand(B, -1),
+        valid=torch.rand(B, N) > 0.3,  # padding
+    )
+    block = torch.randn(B, M, H, requires_grad=True)
+    for limit in (None, 4.5):
+        fast, _, _, attended = attention(
+            block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
+        )
+        fast_grads = torch.autograd.grad(fast.square().sum(), [block, *model.parameters()], allow_unused=True)
+        slow, slow_attended = reference_attention(attention, block, memory, positions, limit)
+        slow_grads = torch.autograd.grad(slow.square().sum(), [block, *model.parameters()], allow_unused=True)
+        assert torch.allclose(fast, slow, atol=1e-5)
+        assert attended == pytest.approx(float(slow_attended))
+        for a, b in zip(fast_grads, slow_grads):
+            assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)

@@ -12,6 +12,7 @@ deleted as soon as no query of the next block can see it (4.2 "Block Parallel");
 live entries, padded to the batch maximum and marked by ``valid``.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -78,6 +79,27 @@ class SpanPredictor(nn.Module):
 def soft_mask(remaining: Tensor, ramp: int) -> Tensor:
     """``m = clamp(1 + r / R, 0, 1)``: 1 while the memory is alive, a linear ramp of length R, then 0."""
     return (remaining / ramp + 1.0).clamp(0.0, 1.0)
+
+
+class _LogSoftMask(torch.autograd.Function):
+    """``log m`` for ``m = clamp(1 + r / R, 0, 1)``: -inf where m = 0, gradient ``1 / (R m)`` on the ramp.
+
+    Plain autograd through clamp and log would give ``0 * inf = NaN`` where m = 0, and more passes over the
+    B x M x T tensor; this is one formula each way.
+    """
+
+    @staticmethod
+    def forward(ctx, remaining: Tensor, ramp: int) -> Tensor:
+        mask = soft_mask(remaining, ramp)
+        ctx.save_for_backward(mask)
+        ctx.ramp = ramp
+        return mask.log()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (mask,) = ctx.saved_tensors
+        on_ramp = (mask > 0) & (mask < 1)
+        return torch.where(on_ramp, grad / (mask * ctx.ramp), 0.0), None
 
 
 def ramp_span_loss(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
@@ -182,52 +204,55 @@ class ExpireSpanAttention(nn.Module):
         """
         B, M, _ = block.shape
         now = self.project(block)
-        distance_first = torch.cat(
-            [memory_distance, _block_distances(M, block.device).expand(B, -1)], 1
-        )  # B x T
         valid = torch.cat([memory_valid, memory_valid.new_ones(B, M)], dim=1)  # B x T
+        first_distance = torch.cat([memory_distance, _block_distances(M, block.device).expand(B, -1)], 1)  # B x T
+        # t - i for every query t and key i; padding is infinitely far, so it gets m = 0 below
         query_offset = torch.arange(M, device=block.device, dtype=torch.float32).view(1, M, 1)
-        distance = query_offset + distance_first.unsqueeze(1)  # B x M x T: t - i
-        visible = (distance >= 1) & valid.unsqueeze(1)  # causal, self excluded, no padding
+        distance = first_distance.masked_fill(~valid, math.inf).unsqueeze(1) + query_offset  # B x M x T
 
-        spans = aux = None
+        aux = None
         if self.rule.learned:
             spans = torch.cat([past.spans, now.spans], dim=1)  # B x T, fp32
-            masked_spans = spans if span_limit is None else spans.clamp(max=span_limit)
-            mask = soft_mask(masked_spans.unsqueeze(1) - distance, self.rule.ramp) * visible  # B x M x T
-            aux = (
-                ramp_span_loss(masked_spans - distance_first, M, self.rule.ramp)
-                .masked_fill(~valid, 0.0)
-                .sum()
-            )
+            if span_limit is not None:
+                spans = spans.clamp(max=span_limit)
+            log_mask = _LogSoftMask.apply(spans.unsqueeze(1) - distance, self.rule.ramp)  # B x M x T
+            aux = ramp_span_loss(spans - first_distance, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
+            last_visible = torch.ceil(spans.detach() + self.rule.ramp - first_distance) - 1  # m > 0: t - i < e + R
         else:
             limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
-            mask = (visible & (distance <= limit)).float()
+            log_mask = torch.zeros_like(distance).masked_fill_(distance > limit, -math.inf)
+            last_visible = torch.floor(limit - first_distance)  # m > 0: t - i <= L
+        # causal, self excluded: block key j is visible from query t only if j < t
+        log_mask[..., -M:].masked_fill_(_not_before(M, block.device), -math.inf)
+        sees_something = log_mask.amax(-1, keepdim=True) > -math.inf  # B x M x 1: False only at a stream's start
+        everyone_sees = bool(sees_something.all())
+        if not everyone_sees:
+            log_mask = log_mask.masked_fill(~sees_something, 0.0)
 
-        q = self._heads(self.q_proj(block))  # B x K x M x D
+        q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
         k = self._heads(torch.cat([past.keys, now.keys], dim=1))  # B x K x T x D
         v = self._heads(torch.cat([past.values, now.values], dim=1))  # B x K x T x D
         scores = torch.matmul(q, k.transpose(-1, -2))  # B x K x M x T
-        scores = torch.cat([scores[..., : -2 * M], scores[..., -2 * M :] + positions.scores(q)], dim=-1)
-        attn = _masked_softmax(scores.float() / math.sqrt(self.head_dim), mask.unsqueeze(1))
+        scores[..., -2 * M :] += positions.scores(q)
+        # a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)
+        attn = torch.softmax(scores.float() + log_mask.unsqueeze(1), dim=-1)
         attn = self.dropout(attn).to(v.dtype)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(B, M, -1)  # B x M x H
+        out = torch.matmul(attn, v)  # B x K x M x D
+        if not everyone_sees:
+            out = out * sees_something.unsqueeze(1)
+        out = out.transpose(1, 2).reshape(B, M, -1)  # B x M x H
 
-        with torch.no_grad():
-            attended = (mask > 0).sum(-1).float().mean()  # |C_t|, averaged over queries and streams
+        with torch.no_grad():  # |C_t|: key i is visible to the queries max(0, 1 - d_i) <= t <= last_visible_i
+            first_visible = (1 - first_distance).clamp(min=0)
+            seen_by = (last_visible.clamp(max=M - 1) - first_visible + 1).clamp(min=0) * valid
+            attended = seen_by.sum() / (B * M)
         return self.out_proj(out), now, aux, attended
 
 
-def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
-    """``m exp(s) / sum_j m exp(s_j)`` as a softmax with bias ``log m``; a query seeing nothing gets all zeros.
-
-    scores: B x K x M x T (fp32), mask: B x 1 x M x T in [0, 1].
-    """
-    sees_something = (mask > 0).any(-1, keepdim=True)  # B x 1 x M x 1
-    # clamp before log: log's backward at m = 0 would be 0 * inf = NaN.
-    log_mask = torch.where(mask > 0, mask.clamp(min=1e-30).log(), -math.inf)
-    log_mask = log_mask.masked_fill(~sees_something, 0.0)
-    return torch.softmax(scores + log_mask, dim=-1) * sees_something
+@functools.lru_cache(maxsize=8)
+def _not_before(block_size: int, device) -> Tensor:
+    """M x M, True where block key j is not before query t (j >= t)."""
+    return torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu()
 
 
 def update_memory(
