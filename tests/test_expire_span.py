@@ -140,7 +140,7 @@ def test_span_predictor_gets_gradient_only_through_ramp_mask_and_aux():
     assert predictor.proj.bias.grad.abs().max() > 0
 
 
-def keep_everything(memory, block, past, now, rule, span_limit=None, cache_projection=False):
+def keep_everything(memory, block, keys, rule, span_limit=None, cache_projection=False):
     """Reference memory: never delete anything, only append and shift distances (no projection cache)."""
     M = block.size(1)
     return LayerMemory(

@@ -126,11 +126,11 @@ class ExpireSpanLayer(nn.Module):
         return self.fc2(self.dropout(F.relu(self.fc1(x))))
 
     def forward(self, x, memory: LayerMemory, positions, span_limit):
-        """x: B x M x H, the layer input. Returns the output, the projections of memory and block, span loss
-        and |C_t|."""
+        """x: B x M x H, the layer input. Returns the output, the projection of [memory ; block], the span
+        loss and |C_t|."""
         norm = self.attention_norm if self.normalize_before else (lambda h: h)
         past = memory.projection or self.attention.project(norm(memory.hidden))
-        attended, now, aux, attn_size = self.attention(
+        attended, keys, aux, attn_size = self.attention(
             norm(x), past, memory.distance, memory.valid, positions, span_limit
         )
         if self.normalize_before:
@@ -139,7 +139,7 @@ class ExpireSpanLayer(nn.Module):
         else:
             h = self.attention_norm(x + attended)
             out = self.ffn_norm(h + self.feed_forward(h))
-        return out, past, now, aux, attn_size
+        return out, keys, aux, attn_size
 
 
 class ExpireSpanDecoder(FairseqDecoder):
@@ -256,13 +256,13 @@ class ExpireSpanDecoder(FairseqDecoder):
             [],
         )
         for layer, memory in zip(self.layers, memories):
-            out, past, now, aux, attn_size = layer(x, memory, self.positions, mask_limit)
-            memory = update_memory(memory, x, past, now, self.rule, deletion_limit, cache)
+            out, keys, aux, attn_size = layer(x, memory, self.positions, mask_limit)
+            memory = update_memory(memory, x, keys, self.rule, deletion_limit, cache)
             new_memories.append(memory)
             kept.append(memory.valid.sum(1).float().mean())
             attended.append(attn_size)
-            if now.spans is not None:
-                spans_of_block.append(now.spans.detach())
+            if keys.spans is not None:
+                spans_of_block.append(keys.spans[:, -x.size(1) :].detach())
                 aux_loss = aux_loss + aux
             x = out
         self._memory[self.training] = new_memories

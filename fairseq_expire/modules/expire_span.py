@@ -198,44 +198,58 @@ class ExpireSpanAttention(nn.Module):
         positions: RelativePositionTable,
         span_limit: Optional[float] = None,
     ):
-        """Attention output (B x M x H), the block's projection, the span loss (None for fixed spans) and |C_t|.
+        """Attention output (B x M x H), the projection of all T keys, the span loss (None: fixed spans), |C_t|.
 
         ``span_limit`` caps spans in the mask and the loss (training noise ``u * L``, or the inference cap).
         """
         B, M, _ = block.shape
         now = self.project(block)
         valid = torch.cat([memory_valid, memory_valid.new_ones(B, M)], dim=1)  # B x T
-        first_distance = torch.cat([memory_distance, _block_distances(M, block.device).expand(B, -1)], 1)  # B x T
+        first_distance = torch.cat(
+            [memory_distance, _block_distances(M, block.device).expand(B, -1)], 1
+        )  # B x T
         # t - i for every query t and key i; padding is infinitely far, so it gets m = 0 below
         query_offset = torch.arange(M, device=block.device, dtype=torch.float32).view(1, M, 1)
         distance = first_distance.masked_fill(~valid, math.inf).unsqueeze(1) + query_offset  # B x M x T
 
+        keys = Projection(
+            torch.cat([past.keys, now.keys], dim=1),  # B x T x H
+            torch.cat([past.values, now.values], dim=1),
+            torch.cat([past.spans, now.spans], dim=1) if self.rule.learned else None,  # B x T, fp32
+        )
         aux = None
         if self.rule.learned:
-            spans = torch.cat([past.spans, now.spans], dim=1)  # B x T, fp32
-            if span_limit is not None:
-                spans = spans.clamp(max=span_limit)
+            spans = keys.spans if span_limit is None else keys.spans.clamp(max=span_limit)
             log_mask = _LogSoftMask.apply(spans.unsqueeze(1) - distance, self.rule.ramp)  # B x M x T
             aux = ramp_span_loss(spans - first_distance, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
-            last_visible = torch.ceil(spans.detach() + self.rule.ramp - first_distance) - 1  # m > 0: t - i < e + R
+            last_visible = (
+                torch.ceil(spans.detach() + self.rule.ramp - first_distance) - 1
+            )  # m > 0: t - i < e + R
         else:
             limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
             log_mask = torch.zeros_like(distance).masked_fill_(distance > limit, -math.inf)
             last_visible = torch.floor(limit - first_distance)  # m > 0: t - i <= L
         # causal, self excluded: block key j is visible from query t only if j < t
         log_mask[..., -M:].masked_fill_(_not_before(M, block.device), -math.inf)
-        sees_something = log_mask.amax(-1, keepdim=True) > -math.inf  # B x M x 1: False only at a stream's start
+        sees_something = (
+            log_mask.amax(-1, keepdim=True) > -math.inf
+        )  # B x M x 1: False only at a stream's start
         everyone_sees = bool(sees_something.all())
         if not everyone_sees:
             log_mask = log_mask.masked_fill(~sees_something, 0.0)
 
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
-        k = self._heads(torch.cat([past.keys, now.keys], dim=1))  # B x K x T x D
-        v = self._heads(torch.cat([past.values, now.values], dim=1))  # B x K x T x D
-        scores = torch.matmul(q, k.transpose(-1, -2))  # B x K x M x T
-        scores[..., -2 * M :] += positions.scores(q)
+        k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
+        # s = q.(k + p_{t-i}) / sqrt(D); the position term only for the previous and current block
+        scores = torch.cat(
+            [
+                torch.matmul(q, k[:, :, : -2 * M].transpose(-1, -2)),
+                torch.matmul(q, k[:, :, -2 * M :].transpose(-1, -2)) + positions.scores(q),
+            ],
+            dim=-1,
+        ).float()  # B x K x M x T
         # a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)
-        attn = torch.softmax(scores.float() + log_mask.unsqueeze(1), dim=-1)
+        attn = torch.softmax(scores.add_(log_mask.unsqueeze(1)), dim=-1)
         attn = self.dropout(attn).to(v.dtype)
         out = torch.matmul(attn, v)  # B x K x M x D
         if not everyone_sees:
@@ -246,7 +260,7 @@ class ExpireSpanAttention(nn.Module):
             first_visible = (1 - first_distance).clamp(min=0)
             seen_by = (last_visible.clamp(max=M - 1) - first_visible + 1).clamp(min=0) * valid
             attended = seen_by.sum() / (B * M)
-        return self.out_proj(out), now, aux, attended
+        return self.out_proj(out), keys, aux, attended
 
 
 @functools.lru_cache(maxsize=8)
@@ -258,8 +272,7 @@ def _not_before(block_size: int, device) -> Tensor:
 def update_memory(
     memory: LayerMemory,
     block: Tensor,
-    past: Projection,
-    now: Projection,
+    keys: Projection,
     rule: SpanRule,
     span_limit: Optional[float] = None,
     cache_projection: bool = False,
@@ -269,40 +282,40 @@ def update_memory(
     Memory ``i`` survives iff ``m > 0`` for the next block's first query, at distance ``d' = d + M``:
     ``e_i + R > d'`` (expire-span, un-noised ``e``), or ``d' <= L`` (fixed span). The block itself is always
     kept (it is the next block's "previous block"). So a layer never holds more than L + R - 1 entries.
-    ``past``/``now`` are the projections the attention used for the memory and the block; with
-    ``cache_projection`` (evaluation) they are kept so the next block need not recompute them.
+    ``keys`` is the projection of [memory ; block] the attention used; with ``cache_projection`` (evaluation)
+    the surviving part is kept so the next block need not recompute it.
     """
     B, M, _ = block.shape
     N = len(memory)
     next_distance = memory.distance + M  # B x N
     if rule.learned:
-        spans = past.spans if span_limit is None else past.spans.clamp(max=span_limit)
+        spans = keys.spans[:, :N]
+        spans = spans if span_limit is None else spans.clamp(max=span_limit)
         keep = memory.valid & (spans + rule.ramp > next_distance)
     else:
         limit = rule.max_span if span_limit is None else min(rule.max_span, span_limit)
         keep = memory.valid & (next_distance <= limit)
 
-    kept = int(keep.sum(1).max()) if N else 0
-    # Stable per-stream compaction: entry j goes to slot (number of kept entries before it); dropped ones go to
-    # a spare slot that is cut off.
-    slot = torch.where(keep, keep.cumsum(1) - 1, kept)  # B x N
+    # Per-stream compaction in one gather over [memory ; block]: slot s < kept takes the stream's (s+1)-th
+    # surviving entry (padding, marked invalid, where a stream has fewer), slot kept + j the block's entry j.
+    count = keep.sum(1)  # B
+    kept = int(count.max()) if N else 0
+    rank = torch.arange(1, kept + 1, device=block.device).expand(B, -1).contiguous()
+    survivors = torch.searchsorted(keep.cumsum(1), rank).clamp(max=max(N - 1, 0))  # B x kept
+    index = torch.cat([survivors, torch.arange(N, N + M, device=block.device).expand(B, -1)], dim=1)
 
-    def compact_and_append(old: Tensor, new: Tensor) -> Tensor:
-        index = slot.view(B, N, *([1] * (old.dim() - 2))).expand_as(old)
-        compacted = old.new_zeros(B, kept + 1, *old.shape[2:]).scatter_(1, index, old)[:, :kept]
-        return torch.cat([compacted, new.detach()], dim=1)
+    def select(source: Tensor) -> Tensor:  # B x (N + M) x ... -> B x (kept + M) x ...
+        return source.gather(
+            1, index.view(B, -1, *([1] * (source.dim() - 2))).expand(-1, -1, *source.shape[2:])
+        )
 
     projection = None
     if cache_projection:
-        projection = Projection(
-            *(
-                compact_and_append(old, new) if old is not None else None
-                for old, new in ((past.keys, now.keys), (past.values, now.values), (past.spans, now.spans))
-            )
-        )
+        projection = Projection(*(select(x.detach()) if x is not None else None for x in vars(keys).values()))
+    block_distance = _block_distances(M, block.device).add(M).expand(B, -1)
     return LayerMemory(
-        hidden=compact_and_append(memory.hidden, block),
-        distance=compact_and_append(next_distance, _block_distances(M, block.device).add(M).expand(B, -1)),
-        valid=compact_and_append(keep, keep.new_ones(B, M)),
+        hidden=select(torch.cat([memory.hidden, block.detach()], dim=1)),
+        distance=select(torch.cat([next_distance, block_distance], dim=1)),
+        valid=torch.cat([rank <= count.unsqueeze(1), keep.new_ones(B, M)], dim=1),
         projection=projection,
     )
