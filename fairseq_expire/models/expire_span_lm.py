@@ -271,15 +271,15 @@ class ExpireSpanDecoder(FairseqDecoder):
             x = self.final_norm(x)
         x = self.embedding_dropout(x)
         if spans_of_block:
-            block_spans = torch.stack(spans_of_block)  # layers x B x M
+            block_spans = torch.stack(spans_of_block)  # layers x B x M, fp32
         else:  # fixed span: every memory lives exactly L steps
-            block_spans = x.new_full(
-                (1,), float(min(self.rule.max_span, deletion_limit or self.rule.max_span))
-            )
+            span = min(self.rule.max_span, deletion_limit or self.rule.max_span)
+            block_spans = torch.full((len(self.layers), B, M), float(span), device=x.device)
         extra = {
             "aux_loss": aux_loss,
-            "span_avg": block_spans.float().mean(),
-            "span_max": block_spans.float().max(),
+            "spans": block_spans,  # expire-span of each token of the block, per layer
+            "span_avg": block_spans.mean(),
+            "span_max": block_spans.max(),
             "mem_sizes": torch.stack(kept).detach(),  # entries kept per layer, mean over streams
             "attn_mem_avg": torch.stack(attended).mean(),  # paper's |C_t|, mean over layers
         }
