@@ -58,7 +58,10 @@ def test_fairseq_checkpoints_unpickle_full_objects(tmp_path):
 
 
 def test_fairseq_imports_in_a_fresh_interpreter_without_pythonpath():
-    result = run([sys.executable, "-c", "import fairseq, fairseq.checkpoint_utils; print(fairseq.__version__)"], cwd="/")
+    result = run(
+        [sys.executable, "-c", "import fairseq, fairseq.checkpoint_utils; print(fairseq.__version__)"],
+        cwd="/",
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "0.12.2"
 

@@ -315,10 +315,15 @@ class ExpireSpanLanguageModel(FixedSpanLanguageModel):
 
 
 def _guard(arch):
-    """Run :func:`check_training_command` before an architecture function fills in defaults."""
+    """Run :func:`check_training_command` before an architecture function fills in defaults.
+
+    fairseq calls architecture functions twice: on the full command line (which names a task) and again in
+    ``build_model`` on the model config alone (which does not); only the first is a command to check.
+    """
 
     def wrapped(args):
-        check_training_command(args)
+        if getattr(args, "task", None) is not None:
+            check_training_command(args)
         arch(args)
 
     return wrapped

@@ -1,0 +1,1 @@
+from . import language_modeling_with_memory  # noqa: F401

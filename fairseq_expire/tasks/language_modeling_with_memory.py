@@ -1,0 +1,304 @@
+"""Language modeling over contiguous streams, for models that carry memory across batches.
+
+Training carries the memory through every batch of an epoch (block 0 of each epoch resets it); validation and
+``fairseq-eval-lm`` make a full pass from a cold evaluation memory, which the model keeps apart from the training
+one. Splits are fairseq-preprocess ``--only-source`` output; colon-separated data directories rotate per epoch
+like fairseq's own LM task. See :mod:`fairseq_expire.data.streams` for how streams and blocks are cut.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Optional
+
+from fairseq import utils
+from fairseq.data import Dictionary, data_utils
+from fairseq.data.indexed_dataset import get_available_dataset_impl
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+
+from fairseq_expire.data.streams import (
+    StreamBatches,
+    StreamEpochBatchIterator,
+    StreamSplit,
+    TokenSequence,
+    dictionary_fingerprint,
+)
+from fairseq_expire.usage import TASK, check_training_command
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LanguageModelingWithMemoryConfig(FairseqDataclass):
+    data: str = field(
+        default=MISSING,
+        metadata={
+            "help": "data directory made by `fairseq-preprocess --only-source` (dict.txt, SPLIT.bin/.idx); "
+            "a colon-separated list of such directories gives one training shard per epoch, in turn"
+        },
+    )
+    tokens_per_sample: int = field(
+        default=512,
+        metadata={"help": "block length M: tokens of each stream per batch (the model's segment length)"},
+    )
+    stream_offset: bool = field(
+        default=False,
+        metadata={
+            "help": "training: start the streams at a random offset in [0, M) each epoch, so that blocks are not "
+            "always cut at the same places (M - 1 tokens are left out per epoch)"
+        },
+    )
+    ignore_label: str = field(
+        default="_",
+        metadata={
+            "help": "label streams (SPLIT.labels.bin/.idx, synthetic tasks): the label symbol of positions that "
+            "are not scored; it must be in dict.txt"
+        },
+    )
+    train_subset: str = II("dataset.train_subset")
+    dataset_impl: Optional[ChoiceEnum(get_available_dataset_impl())] = II("dataset.dataset_impl")
+
+
+@register_task(TASK, dataclass=LanguageModelingWithMemoryConfig)
+class LanguageModelingWithMemoryTask(FairseqTask):
+    """Each batch holds the next block of the same B streams per rank (``--batch-size`` B is required)."""
+
+    def __init__(self, cfg: LanguageModelingWithMemoryConfig, dictionary: Dictionary):
+        super().__init__(cfg)
+        self.dictionary = dictionary
+        self.dictionary_md5 = dictionary_fingerprint(dictionary)
+        self.arch = None  # set by build_model, named in the criterion guard's command
+
+    @classmethod
+    def setup_task(cls, cfg: LanguageModelingWithMemoryConfig, **kwargs):
+        path = os.path.join(utils.split_paths(cfg.data)[0], "dict.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} not found: the data directory must be made by `fairseq-preprocess --only-source "
+                f"--trainpref TEXT --validpref TEXT --destdir {cfg.data}`"
+            )
+        dictionary = Dictionary.load(path)
+        logger.info(f"dictionary: {len(dictionary)} types")
+        return cls(cfg, dictionary)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        paths = utils.split_paths(self.cfg.data)
+        data_path = paths[(epoch - 1) % len(paths)]
+        self._check_shard_dictionary(data_path)
+        split_path = os.path.join(data_path, split)
+        lines = data_utils.load_indexed_dataset(
+            split_path, self.dictionary, self.cfg.dataset_impl, combine=combine
+        )
+        if lines is None:
+            raise FileNotFoundError(
+                f"split '{split}' not found: no {split_path}.bin/.idx. Binarize it into {data_path} with "
+                f"`fairseq-preprocess --only-source --srcdict {os.path.join(data_path, 'dict.txt')} ...`, or "
+                "name an existing split (--valid-subset, --gen-subset; --disable-validation to train without one)"
+            )
+        tokens = TokenSequence(lines)
+        if len(tokens) <= self.cfg.tokens_per_sample:
+            raise ValueError(
+                f"--tokens-per-sample {self.cfg.tokens_per_sample} is larger than the split '{split}' "
+                f"({len(tokens)} tokens in {split_path}): a block needs M + 1 tokens. Use a smaller "
+                "--tokens-per-sample or more data."
+            )
+        labels = data_utils.load_indexed_dataset(
+            split_path + ".labels", self.dictionary, self.cfg.dataset_impl, combine=combine
+        )
+        self.datasets[split] = StreamSplit(
+            split, tokens, self.dictionary.pad(), *self._label_stream(labels, lines, split_path)
+        )
+        logger.info(f"{split}: {len(tokens):,} tokens" + (" with labels" if labels is not None else ""))
+
+    def dataset(self, split: str) -> StreamSplit:
+        """The split's tokens; :meth:`get_batch_iterator` makes the batches (they depend on ranks and epoch)."""
+        if split not in self.datasets:
+            raise KeyError(f"split '{split}' is not loaded")
+        return self.datasets[split]
+
+    def _check_shard_dictionary(self, data_path: str):
+        """Every data directory must use the first one's dictionary (it is the one the model is built with)."""
+        path = os.path.join(data_path, "dict.txt")
+        if os.path.isfile(path) and dictionary_fingerprint(Dictionary.load(path)) != self.dictionary_md5:
+            first = os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt")
+            raise ValueError(
+                f"{path} differs from {first}: binarize every shard with the same dictionary "
+                f"(`fairseq-preprocess --only-source --srcdict {first} ...`)"
+            )
+
+    def _label_stream(self, labels, lines, split_path: str):
+        """(labels, index of the ignore symbol) for a split that has a label stream, else (None, None)."""
+        if labels is None:
+            return None, None
+        if len(labels.sizes) != len(lines.sizes) or (labels.sizes != lines.sizes).any():
+            raise ValueError(
+                f"{split_path}.labels has {int(labels.sizes.sum())} labels in {len(labels.sizes)} lines but the "
+                f"split has {int(lines.sizes.sum())} tokens in {len(lines.sizes)} lines: a label stream needs one "
+                "label per token, line by line"
+            )
+        ignore_index = self.dictionary.index(self.cfg.ignore_label)
+        if ignore_index == self.dictionary.unk() and self.cfg.ignore_label != self.dictionary.unk_word:
+            raise ValueError(
+                f"--ignore-label '{self.cfg.ignore_label}' is not in the dictionary: labelled data must have its "
+                "ignore symbol in dict.txt (or pass the --ignore-label the data uses)"
+            )
+        return TokenSequence(labels), ignore_index
+
+    def get_batch_iterator(
+        self,
+        dataset: StreamSplit,
+        max_sentences: Optional[int] = None,
+        seed: int = 1,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        num_workers: int = 0,
+        epoch: int = 1,
+        data_buffer_size: int = 0,
+        skip_remainder_batch: bool = False,
+        **unused,
+    ):
+        """An iterator over this rank's batches of ``max_sentences`` streams (fairseq's ``--batch-size``).
+
+        ``num_shards`` / ``shard_id`` are the data-parallel world size and rank; every rank gets its own streams
+        and the same number of batches. Shuffling does not apply: batches must come in stream order.
+        """
+        random_offset = self.cfg.stream_offset and dataset.name == self.cfg.train_subset
+        return self._stream_iterator(
+            dataset,
+            max_sentences,
+            num_shards,
+            shard_id,
+            epoch,
+            offset_seed=seed if random_offset else None,
+            num_workers=num_workers,
+            buffer_size=data_buffer_size,
+            skip_remainder_batch=skip_remainder_batch,
+        )
+
+    def _stream_iterator(
+        self, split: StreamSplit, streams_per_rank, num_ranks, rank, epoch, offset_seed, **iterator_options
+    ):
+        if streams_per_rank is None:
+            raise ValueError(
+                "--batch-size is required: it is the number of streams per process (--max-tokens does not apply)"
+            )
+        streams = streams_per_rank * num_ranks
+        usable = len(split) - (self.cfg.tokens_per_sample - 1 if offset_seed is not None else 0)
+        if usable < 2 * streams:
+            raise ValueError(
+                f"--batch-size {streams_per_rank} x {num_ranks} processes = {streams} streams over the "
+                f"{usable} usable tokens of split '{split.name}': streams would be empty. Use at most "
+                f"--batch-size {max(usable // (2 * num_ranks), 1)} (better: streams of many blocks)."
+            )
+        batches = StreamBatches(
+            split,
+            streams_per_rank,
+            num_ranks,
+            rank,
+            self.cfg.tokens_per_sample,
+            self.dictionary_md5,
+            offset_seed=offset_seed,
+            epoch=epoch,
+        )
+        if batches.layout.shortest_stream <= self.cfg.tokens_per_sample:
+            logger.warning(
+                f"split '{split.name}': {streams} streams of {batches.layout.shortest_stream} tokens fit in one "
+                f"block of {self.cfg.tokens_per_sample}: no memory is carried to a later batch. Use a smaller "
+                "--batch-size or --tokens-per-sample."
+            )
+        logger.info(
+            f"split '{split.name}': {streams} streams of ~{batches.layout.shortest_stream} tokens "
+            f"({streams_per_rank} on this rank), {len(batches)} batches of {self.cfg.tokens_per_sample} tokens per "
+            "stream"
+        )
+        return StreamEpochBatchIterator(
+            dataset=batches,
+            collate_fn=batches.collater,
+            batch_sampler=[[k] for k in range(len(batches))],
+            epoch=epoch,
+            disable_shuffling=True,
+            **iterator_options,
+        )
+
+    def eval_lm_dataloader(
+        self,
+        dataset: StreamSplit,
+        max_tokens: Optional[int] = None,
+        batch_size: Optional[int] = None,
+        max_positions: Optional[int] = None,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        num_workers: int = 1,
+        data_buffer_size: int = 10,
+        context_window: int = 0,
+    ):
+        """``fairseq-eval-lm``: ``--batch-size`` streams, scored from a cold memory, every token but the
+        streams' first."""
+        if context_window > 0:
+            raise ValueError(
+                "--context-window does not apply to language_modeling_with_memory: the model carries its memory "
+                "from block to block, so every token already sees the past up to the model's span. Leave out "
+                "--context-window (and use the --tokens-per-sample the model was trained with)."
+            )
+        if dataset.labelled:
+            raise ValueError(
+                f"split '{dataset.name}' has a label stream: fairseq-eval-lm scores every next token and cannot "
+                "score labels. The acc/err of labelled data are logged by validation (fairseq-train's valid "
+                "records, or fairseq-validate)."
+            )
+        return self._stream_iterator(
+            dataset,
+            batch_size,
+            num_shards,
+            shard_id,
+            epoch=1,
+            offset_seed=None,
+            num_workers=num_workers,
+            buffer_size=data_buffer_size,
+        ).next_epoch_itr(shuffle=False)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        self.arch = getattr(cfg, "_name", None)
+        if not callable(getattr(model, "reset_memory", None)):
+            raise ValueError(
+                f"--task {TASK} feeds consecutive blocks of the same streams and needs a model that carries "
+                f"memory across them (--arch expire_span_lm... or fixed_span_lm...), not --arch {self.arch}"
+            )
+        return model
+
+    def build_criterion(self, cfg, **kwargs):
+        """Only the Expire-Span criterion adds the span loss and logs spans and memory; refuse any other."""
+        check_training_command(
+            SimpleNamespace(
+                task=TASK, criterion=cfg._name, arch=self.arch or "expire_span_lm", data=self.cfg.data
+            )
+        )
+        return super().build_criterion(cfg, **kwargs)
+
+    def state_dict(self):
+        """Saved in checkpoints: the dictionary, so that evaluating on data binarized with another is refused."""
+        return {"dictionary_md5": self.dictionary_md5}
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict.get("dictionary_md5")
+        if saved is not None and saved != self.dictionary_md5:
+            raise ValueError(
+                f"the checkpoint's model was trained with a different dictionary than {self.cfg.data}/dict.txt: "
+                "token ids would mean other symbols. Use data binarized with the training data's dict.txt "
+                "(`fairseq-preprocess --only-source --srcdict TRAINING_DATA/dict.txt ...`)."
+            )
+
+    def max_positions(self):
+        return None  # streams have any length; the block length is --tokens-per-sample
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary

@@ -1,0 +1,108 @@
+"""Running the real fairseq console scripts from tests, and tiny data directories for them."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV.pop("PYTHONPATH", None)
+
+
+def run(script: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``script`` (fairseq-train, fairseq-eval-lm, fairseq-preprocess...) from the installed environment."""
+    result = subprocess.run(
+        [str(BIN / script), *map(str, args)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def json_logs(output: str, tag: str) -> list:
+    """The ``--log-format json`` records of one kind (train_inner, train, valid) from fairseq's output."""
+    records = []
+    for line in output.splitlines():
+        if f"| {tag} | {{" in line:
+            records.append(json.loads(line.split(f"| {tag} | ", 1)[1]))
+    return records
+
+
+def repeating_text(length: int, period: int, repeats: int = 4, seed: int = 0) -> str:
+    """Fresh random letters, each ``period``-long unit said ``repeats`` times: after its first time, a unit is
+    predictable only with memory of ``period`` steps (and its first time is unpredictable: 4 bits a letter).
+    """
+    rng = random.Random(seed)
+    text = ""
+    while len(text) < length:
+        text += "".join(rng.choice("abcdefghijklmnop") for _ in range(period)) * repeats
+    return text[:length]
+
+
+def make_data_bin(directory: Path, train: str, valid: str, line_length: int = 100) -> Path:
+    """Character-level fairseq data (one token per character) made with the real fairseq-preprocess."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, text in (("train", train), ("valid", valid)):
+        lines = [" ".join(text[i : i + line_length]) for i in range(0, len(text), line_length)]
+        (directory / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    run(
+        "fairseq-preprocess",
+        "--only-source",
+        "--trainpref",
+        directory / "train.txt",
+        "--validpref",
+        directory / "valid.txt",
+        "--destdir",
+        directory / "bin",
+        "--workers",
+        1,
+    )
+    return directory / "bin"
+
+
+def train_command(data, save_dir, *extra, arch="expire_span_lm_tiny", updates=20, block=16, batch=4):
+    return [
+        data,
+        "--user-dir",
+        "fairseq_expire",
+        "--task",
+        "language_modeling_with_memory",
+        "--arch",
+        arch,
+        "--criterion",
+        "expire_span_cross_entropy",
+        "--tokens-per-sample",
+        block,
+        "--batch-size",
+        batch,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--max-update",
+        updates,
+        "--cpu",
+        "--seed",
+        1,
+        "--no-progress-bar",
+        "--log-format",
+        "json",
+        "--log-interval",
+        5,
+        "--save-dir",
+        save_dir,
+        "--num-workers",
+        0,
+        *extra,
+    ]
