@@ -1,0 +1,99 @@
+"""Command line of ``scripts/generate_synthetic.py``: one sub-command per task, and ``all``."""
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .common import GENERATORS, SPLITS, SyntheticDataError, check_new_output, check_sizes, generate_dataset
+
+logger = logging.getLogger("generate_synthetic")
+
+DEFAULT_TOKENS = {"train": 1_000_000, "valid": 100_000, "test": 100_000}
+
+
+def token_count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} tokens: a split needs at least one token")
+    return value
+
+
+def add_common_options(parser: argparse.ArgumentParser, out_help: str):
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    parser.add_argument("--seed", type=int, default=1, help="same seed, same bytes (default: %(default)s)")
+    for split in SPLITS:
+        parser.add_argument(
+            f"--{split}-tokens",
+            type=token_count,
+            default=DEFAULT_TOKENS[split],
+            help=f"size of the {split} split: whole episodes or steps, at most this many tokens (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--no-raw-text",
+        action="store_true",
+        help="skip the human-readable OUT/raw/{split}.txt and {split}.labels.txt (training needs only the binaries)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="generate_synthetic.py",
+        description="Generate the synthetic tasks of the Expire-Span paper as fairseq data for "
+        "--task language_modeling_with_memory (tokens plus a label stream scored as acc/err).",
+    )
+    tasks = parser.add_subparsers(
+        dest="task", required=True, metavar="TASK", help=f"{', '.join(GENERATORS)} or all"
+    )
+    for name, generator in GENERATORS.items():
+        sub = tasks.add_parser(
+            name,
+            help=generator.__doc__,
+            description=sys.modules[generator.__module__].__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        add_common_options(sub, "the data-bin directory to create (it must not exist)")
+        for option in dataclasses.fields(generator.config_class):
+            sub.add_argument(
+                f"--{option.name.replace('_', '-')}",
+                type=type(option.default),
+                default=option.default,
+                help=f"{option.metadata['help']} (default: %(default)s)",
+            )
+    everything = tasks.add_parser("all", help="every task with its default options, each into OUT/TASK")
+    add_common_options(everything, "the directory that receives one data-bin directory per task")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None):
+    logging.basicConfig(
+        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO, stream=sys.stdout
+    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sizes = {split: getattr(args, f"{split}_tokens") for split in SPLITS}
+    try:
+        if args.task == "all":
+            jobs = [
+                (GENERATORS[name](GENERATORS[name].config_class()), args.out / name) for name in GENERATORS
+            ]
+        else:
+            generator = GENERATORS[args.task]
+            options = {f.name: getattr(args, f.name) for f in dataclasses.fields(generator.config_class)}
+            jobs = [(generator(generator.config_class(**options)), args.out)]
+        for task, out in jobs:  # refuse before writing anything
+            check_new_output(out)
+            check_sizes(task, sizes)
+        for task, out in jobs:
+            generate_dataset(task, out, sizes, args.seed, raw_text=not args.no_raw_text)
+            logger.info(
+                f"wrote {out}: train with fairseq-train {out} --user-dir fairseq_expire "
+                "--task language_modeling_with_memory --criterion expire_span_cross_entropy ..."
+            )
+    except SyntheticDataError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
