@@ -38,6 +38,7 @@ setup(
         "numpy",
         "sentencepiece",
         "submitit",
+        "pyyaml",
     ],
     extras_require={
         "test": ["pytest", "tensorboardX", "black", "isort"],

@@ -1,0 +1,9 @@
+"""Submitting ``fairseq-train`` runs with submitit: one run (``scripts/launch.py``) or a grid sweep as a Slurm job
+array (``scripts/sweep.py``), with fairseq's distributed arguments set for every task and requeue on preemption.
+
+Nothing here is imported by ``--user-dir fairseq_expire``; the scripts import it.
+"""
+
+
+class LaunchError(Exception):
+    """Bad input or an unusable cluster, found before anything was submitted; the message says how to fix it."""
