@@ -145,7 +145,9 @@ def test_two_processes_split_the_streams_and_train_as_one_process_with_all_of_th
     assert [record["bsz"] for record in inner["two"]] == ["4", "4"]  # both ranks contribute their 2 streams
     assert "2 on this rank" in logs["two"]
     for one, two in zip(inner["one"], inner["two"]):
-        assert float(two["nll_loss"]) == pytest.approx(float(one["nll_loss"]), abs=2e-3)
+        assert set(two) == set(one)  # spans, memory sizes, |C_t| and losses, gathered from both ranks
+        for key in ("loss", "nll_loss", "span_avg", "span_max", "mem_avg", "attn_mem_avg"):
+            assert float(two[key]) == pytest.approx(float(one[key]), abs=2e-3), key
     valid = {name: json_logs(log, "valid")[-1] for name, log in logs.items()}
     assert float(valid["two"]["valid_nll_loss"]) == pytest.approx(
         float(valid["one"]["valid_nll_loss"]), abs=2e-3

@@ -144,9 +144,11 @@ class StreamBatches(FairseqDataset):
         dictionary_md5: str,
         offset_seed: Optional[int] = None,
         epoch: int = 1,
+        reset_every_block: bool = False,
     ):
         super().__init__()
         self.split = split
+        self.reset_every_block = reset_every_block
         self.streams_per_rank = streams_per_rank
         self.num_ranks = num_ranks
         self.rank = rank
@@ -185,7 +187,11 @@ class StreamBatches(FairseqDataset):
             "id": torch.tensor(self.streams, dtype=torch.long),
             "nsentences": B,
             "ntokens": int(target.ne(pad).sum()),
-            "net_input": {"src_tokens": src_tokens, "src_lengths": src_lengths, "reset_memory": k == 0},
+            "net_input": {
+                "src_tokens": src_tokens,
+                "src_lengths": src_lengths,
+                "reset_memory": k == 0 or self.reset_every_block,
+            },
             "target": target,
             "labelled": self.split.labelled,
         }

@@ -279,7 +279,9 @@ class ExpireSpanDecoder(FairseqDecoder):
             "aux_loss": aux_loss,
             "spans": block_spans,  # expire-span of each token of the block, per layer
             "span_avg": block_spans.mean(),
-            "span_max": block_spans.max(),
+            # largest span of each stream's block, mean over streams: unlike a batch maximum, the same figure
+            # whichever way the streams are spread over GPUs (logging outputs are summed across ranks)
+            "span_max": block_spans.amax(dim=(0, 2)).mean(),
             "mem_sizes": torch.stack(kept).detach(),  # entries kept per layer, mean over streams
             "attn_mem_avg": torch.stack(attended).mean(),  # paper's |C_t|, mean over layers
         }

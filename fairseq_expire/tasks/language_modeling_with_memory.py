@@ -51,6 +51,13 @@ class LanguageModelingWithMemoryConfig(FairseqDataclass):
             "always cut at the same places (M - 1 tokens are left out per epoch)"
         },
     )
+    reset_memory_every_block: bool = field(
+        default=False,
+        metadata={
+            "help": "ablation: empty the memory before every block, so nothing is carried from one batch to the "
+            "next (the model still attends within its block); the no-memory baseline"
+        },
+    )
     ignore_label: str = field(
         default="_",
         metadata={
@@ -202,6 +209,7 @@ class LanguageModelingWithMemoryTask(FairseqTask):
             self.dictionary_md5,
             offset_seed=offset_seed,
             epoch=epoch,
+            reset_every_block=self.cfg.reset_memory_every_block,
         )
         if batches.layout.shortest_stream <= self.cfg.tokens_per_sample:
             logger.warning(
