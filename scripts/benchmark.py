@@ -2,14 +2,20 @@
 """Speed and memory of expire_span_lm against fixed_span_lm, side by side in one run.
 
 Each measurement runs in its own subprocess so that peak memory (CPU RSS, or CUDA max allocated) is its own.
-Training: forward + backward + Adam step on a stream of text, carrying the memory across blocks; evaluation:
-forward only, with and without the cached memory keys/values. Prints a Markdown table and writes JSON.
+Training: forward + backward + Adam step on a stream of tokens, carrying the memory across blocks; evaluation:
+forward only, with and without the cached memory keys/values. Runs start at steady state (the memory is
+prefilled with what a long stream leaves in it), then ``--warmup`` blocks are not timed. For each expire-span
+run, a fixed-span run with L = its measured mean span S (at least the block M) shows whether cost follows the
+memory kept. Prints a Markdown table, with the ratio to the authors' implementation where the issue gives its
+figure, and writes JSON.
 
-    python scripts/benchmark.py --lengths 1024 4096 16384 --batches 20 --json bench.json
+    python scripts/benchmark.py --lengths 1024 4096 16384 --json bench.json
+    python scripts/benchmark.py --lengths 65536 --modes train --memory-limit-gb 8    # does it fit?
 """
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -24,6 +30,60 @@ CONFIGS = {
     "tiny": dict(layers=2, width=32, ffn=64, heads=2, block=16, batch=2, ramp=8, init=0.1),
 }
 
+# The authors' implementation (facebookresearch/transformer-sequential) on cpu_small, training tokens/s on this
+# project's 2-core CPU machine, as measured for the efficiency issue: (model, L) -> tokens/s.
+AUTHORS_TRAIN_TOKENS_PER_S = {
+    ("expire_span_lm", 1024): 2896,
+    ("expire_span_lm", 4096): 2168,
+    ("expire_span_lm", 16384): 535,
+    ("fixed_span_lm", 1024): 1202,
+}
+
+
+def prefill(decoder, batch_size: int, init_percentage: float, like) -> None:
+    """Memory as at steady state: the last N positions (random layer inputs), the last M of them the previous
+    block. Fixed span: N = L. Expire-span: the entries its initial spans e = p * L keep, N = p * L + R (p * L
+    when spans start: w = 0, so they do not depend on the input)."""
+    import torch
+
+    from fairseq_expire.modules.expire_span import LayerMemory
+
+    rule, H = decoder.rule, like.size(-1)
+    N = rule.max_span
+    if rule.learned:
+        N = max(decoder.block_size, min(N, math.ceil(init_percentage * rule.max_span) + rule.ramp))
+    distance = torch.arange(N, 0, -1, dtype=torch.float32, device=like.device).expand(batch_size, -1)
+    decoder._memory[decoder.training] = [
+        LayerMemory(
+            hidden=torch.randn(batch_size, N, H, device=like.device),
+            distance=distance,
+            valid=torch.ones(batch_size, N, dtype=torch.bool, device=like.device),
+        )
+        for _ in decoder.layers
+    ]
+
+
+def reset_peak_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM)
+
+
+def peak_memory_mb(device) -> float:
+    """CUDA max allocated, or the peak RSS since the last reset (Linux) or since the start."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if os.path.exists("/proc/self/status"):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 
 def measure(args) -> dict:
     """One configuration, in this process."""
@@ -31,6 +91,10 @@ def measure(args) -> dict:
     from fairseq.data import Dictionary
 
     import fairseq_expire.models.expire_span_lm as lm
+
+    if args.memory_limit_gb:
+        limit = int(args.memory_limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     cfg = CONFIGS[args.config]
     device = torch.device(args.device)
@@ -62,6 +126,7 @@ def measure(args) -> dict:
         model.decoder.cache_projections_in_eval = args.eval_cache
     else:
         model.train()
+    prefill(model.decoder, B, cfg["init"], model.decoder.embed_tokens.weight)
 
     def synchronize():
         if device.type == "cuda":
@@ -69,6 +134,8 @@ def measure(args) -> dict:
 
     times, spans, kept = [], [], []
     for k in range(args.warmup + args.batches):
+        if k == args.warmup:
+            reset_peak_memory(device)
         tokens = stream[:, k * M : (k + 1) * M]
         target = stream[:, k * M + 1 : (k + 1) * M + 1]
         synchronize()
@@ -76,9 +143,9 @@ def measure(args) -> dict:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             if args.mode == "eval":
                 with torch.no_grad():
-                    logits, extra = model(tokens, reset_memory=(k == 0))
+                    logits, extra = model(tokens)
             else:
-                logits, extra = model(tokens, reset_memory=(k == 0))
+                logits, extra = model(tokens)
                 loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
                 (loss + 1e-6 * extra["aux_loss"]).backward()
                 optimizer.step()
@@ -88,17 +155,10 @@ def measure(args) -> dict:
             times.append(time.perf_counter() - start)
             spans.append(float(extra["span_avg"]))
             kept.append([float(x) for x in extra["mem_sizes"]])
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_memory_mb(device)
     batch_time = statistics.median(times)
     return {
-        "config": args.config,
-        "model": args.model,
-        "mode": args.mode + ("" if args.mode == "train" else ("+cache" if args.eval_cache else "")),
-        "max_span": args.max_span,
-        "dtype": args.dtype,
+        **identity(args),
         "device": str(device),
         "tokens_per_s": B * M / batch_time,
         "batch_time_ms": 1000 * batch_time,
@@ -108,10 +168,22 @@ def measure(args) -> dict:
     }
 
 
+def identity(args) -> dict:
+    return {
+        "config": args.config,
+        "model": args.model,
+        "mode": args.mode + ("" if args.mode == "train" else ("+cache" if args.eval_cache else "")),
+        "max_span": args.max_span,
+        "dtype": args.dtype,
+    }
+
+
 def run_in_subprocess(args, **overrides) -> dict:
     command = [sys.executable, __file__, "--measure"]
     for key, value in {**vars(args), **overrides}.items():
-        if key in ("measure", "json", "lengths", "markdown", "models", "modes"):
+        if key in ("measure", "json", "lengths", "models", "modes", "no_follow"):
+            continue
+        if value is None:
             continue
         if isinstance(value, bool):
             command += [f"--{key.replace('_', '-')}"] if value else []
@@ -126,13 +198,21 @@ def run_in_subprocess(args, **overrides) -> dict:
 
 def markdown(rows) -> str:
     lines = [
-        "| model | mode | L | tokens/s | ms/batch | peak MB | span avg | memory/layer |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | mode | L | tokens/s | vs authors | ms/batch | peak MB | span avg | memory/layer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        head = f"| {r['model']} | {r['mode']} | {r['max_span']} |"
+        if r.get("out_of_memory"):
+            lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | |")
+            continue
         memory = sum(r["memory_per_layer"]) / len(r["memory_per_layer"])
+        authors = (
+            AUTHORS_TRAIN_TOKENS_PER_S.get((r["model"], r["max_span"])) if r["mode"] == "train" else None
+        )
+        versus = f"{r['tokens_per_s'] / authors:.2f}x" if authors and r["config"] == "cpu_small" else ""
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['max_span']} | {r['tokens_per_s']:.0f} | {r['batch_time_ms']:.0f} "
+            f"{head} {r['tokens_per_s']:.0f} | {versus} | {r['batch_time_ms']:.0f} "
             f"| {r['peak_memory_mb']:.0f} | {r['span_avg']:.0f} | {memory:.0f} |"
         )
     return "\n".join(lines)
@@ -146,8 +226,16 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="max spans L")
     parser.add_argument("--models", nargs="+", default=["expire_span_lm", "fixed_span_lm"])
     parser.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
-    parser.add_argument("--batches", type=int, default=10, help="timed batches (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches first")
+    parser.add_argument("--batches", type=int, default=8, help="timed batches (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (after the prefill)")
+    parser.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        help="address-space limit per run: a run that needs more is out of memory",
+    )
+    parser.add_argument(
+        "--no-follow", action="store_true", help="skip the fixed-span runs at L = expire-span's mean span"
+    )
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--json", type=Path, help="write all figures here")
@@ -159,18 +247,33 @@ def main():
     parser.add_argument("--eval-cache", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args)))
+        try:
+            row = measure(args)
+        except (MemoryError, RuntimeError) as error:  # torch's CPU and CUDA allocators raise RuntimeError
+            if "memory" not in str(error).lower():
+                raise
+            row = {**identity(args), "out_of_memory": True, "memory_limit_gb": args.memory_limit_gb}
+        print(json.dumps(row))
         return
 
     rows = []
+
+    def measured(**settings):
+        row = run_in_subprocess(args, **settings)
+        rows.append(row)
+        print(markdown([row]).splitlines()[-1], flush=True)
+        return row
+
     for length in args.lengths:
         for model in args.models:
             for mode in args.modes:
                 caches = [True, False] if mode == "eval" and model == "expire_span_lm" else [mode == "eval"]
                 for cache in caches:
-                    row = run_in_subprocess(args, model=model, mode=mode, max_span=length, eval_cache=cache)
-                    rows.append(row)
-                    print(markdown([row]).splitlines()[-1], flush=True)
+                    row = measured(model=model, mode=mode, max_span=length, eval_cache=cache)
+                    if model == "expire_span_lm" and cache == (mode == "eval") and not args.no_follow:
+                        if not row.get("out_of_memory"):  # cost should follow the memory kept, not L
+                            span = max(round(row["span_avg"]), CONFIGS[args.config]["block"])  # L >= M
+                            measured(model="fixed_span_lm", mode=mode, max_span=span, eval_cache=cache)
     print()
     print(markdown(rows))
     if args.json:

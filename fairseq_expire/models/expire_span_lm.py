@@ -229,8 +229,8 @@ class ExpireSpanDecoder(FairseqDecoder):
     def _current_memory(self, x, reset: bool) -> List[LayerMemory]:
         B, M, H = x.shape
         memories = self.memory()
-        if memories is not None and not reset and memories[0].hidden.size(0) != B:
-            logger.info(f"batch of {B} streams after {memories[0].hidden.size(0)}: memory reset")
+        if memories is not None and not reset and memories[0].valid.size(0) != B:
+            logger.info(f"batch of {B} streams after {memories[0].valid.size(0)}: memory reset")
             memories = None
         if memories is None or reset:
             memories = [LayerMemory.empty(B, M, H, like=x) for _ in self.layers]

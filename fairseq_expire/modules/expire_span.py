@@ -36,7 +36,7 @@ class Projection:
 class LayerMemory:
     """What one layer remembers of each stream."""
 
-    hidden: Tensor  # B x N x H   layer inputs of past positions (detached)
+    hidden: Optional[Tensor]  # B x N x H   layer inputs of past positions (detached); None when projected
     distance: Tensor  # B x N     distance to the current block's first query (fp32, >= 1)
     valid: Tensor  # B x N        False for padding (streams keep different numbers of entries)
     projection: Optional[Projection] = None  # evaluation: cached, since the weights do not change
@@ -51,7 +51,7 @@ class LayerMemory:
         )
 
     def __len__(self) -> int:
-        return self.hidden.size(1)
+        return self.distance.size(1)
 
 
 def _block_distances(block_size: int, device) -> Tensor:
@@ -241,13 +241,20 @@ class ExpireSpanAttention(nn.Module):
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
         k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
         # s = q.(k + p_{t-i}) / sqrt(D); the position term only for the previous and current block
-        scores = torch.cat(
-            [
-                torch.matmul(q, k[:, :, : -2 * M].transpose(-1, -2)),
-                torch.matmul(q, k[:, :, -2 * M :].transpose(-1, -2)) + positions.scores(q),
-            ],
-            dim=-1,
-        ).float()  # B x K x M x T
+        if (
+            torch.is_grad_enabled()
+        ):  # autograd would copy all of B x K x M x T back through an in-place view add
+            scores = torch.cat(
+                [
+                    torch.matmul(q, k[:, :, : -2 * M].transpose(-1, -2)),
+                    torch.matmul(q, k[:, :, -2 * M :].transpose(-1, -2)) + positions.scores(q),
+                ],
+                dim=-1,
+            )
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2))
+            scores[..., -2 * M :] += positions.scores(q)
+        scores = scores.float()  # B x K x M x T
         # a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)
         attn = torch.softmax(scores.add_(log_mask.unsqueeze(1)), dim=-1)
         attn = self.dropout(attn).to(v.dtype)
@@ -309,12 +316,14 @@ def update_memory(
             1, index.view(B, -1, *([1] * (source.dim() - 2))).expand(-1, -1, *source.shape[2:])
         )
 
-    projection = None
-    if cache_projection:
+    projection = hidden = None
+    if cache_projection:  # the hidden states are only needed to project them again
         projection = Projection(*(select(x.detach()) if x is not None else None for x in vars(keys).values()))
+    else:
+        hidden = select(torch.cat([memory.hidden, block.detach()], dim=1))
     block_distance = _block_distances(M, block.device).add(M).expand(B, -1)
     return LayerMemory(
-        hidden=select(torch.cat([memory.hidden, block.detach()], dim=1)),
+        hidden=hidden,
         distance=select(torch.cat([next_distance, block_distance], dim=1)),
         valid=torch.cat([rank <= count.unsqueeze(1), keep.new_ones(B, M)], dim=1),
         projection=projection,

@@ -1,0 +1,256 @@
+"""A checkpoint with its dictionary, text to tokens and back, and a block-by-block run that records each token.
+
+The run cuts a token sequence into contiguous streams and blocks exactly as ``fairseq-eval-lm`` does with the
+``language_modeling_with_memory`` task (:class:`~fairseq_expire.data.streams.StreamLayout`, memory carried from
+a cold start), so its losses are the ones ``fairseq-eval-lm`` averages, now per token, next to the spans.
+"""
+
+import codecs
+import json
+import logging
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from fairseq import checkpoint_utils, utils
+from fairseq.data import Dictionary
+from torch import Tensor
+
+from fairseq_expire.data.streams import StreamLayout
+from fairseq_expire.prepare.output import RECORD
+from fairseq_expire.prepare.vocab import symbol_bytes, symbol_char, unknown_report
+
+logger = logging.getLogger(__name__)
+
+TEXT_UNITS = ("bytes", "characters")
+
+
+class AnalysisError(SystemExit):
+    """A problem the user can fix; the message names it and the fix (scripts exit with it, no traceback)."""
+
+
+@dataclass
+class Vocabulary:
+    """What the model's token ids stand for: ``unit`` is "bytes", "characters", or None (words, pieces)."""
+
+    dictionary: Dictionary
+    unit: Optional[str]
+    newlines: str  # "eos": a newline is </s>; "drop": the data has none
+
+    def encode(self, text: str) -> Tensor:
+        """Token ids of ``text`` (N), as the data preparation made them from the same text."""
+        if self.unit not in TEXT_UNITS:
+            raise AnalysisError(
+                "error: text can be encoded only for byte- or character-level models; this dictionary has "
+                "other symbols (words or pieces): use --split with --offset/--length instead of --text"
+            )
+        if self.newlines == "drop":
+            text = text.replace("\n", "")
+        pieces = [bytes([b]) for b in text.encode("utf-8")] if self.unit == "bytes" else list(text)
+        ids_of = {
+            piece: index
+            for index, piece in enumerate(symbol_bytes(self.dictionary, self.unit))
+            if piece is not None
+        }
+        keys = pieces if self.unit == "bytes" else [char.encode("utf-8") for char in pieces]
+        missing = Counter(ord(char) for char, key in zip(pieces, keys) if key not in ids_of)
+        if missing:
+            raise AnalysisError(
+                f"error: {sum(missing.values())} characters of the text are not in the model's dictionary "
+                f"({', '.join(f'{name}: {count}' for name, count in unknown_report(missing, limit=10).items())}):"
+                " the model never saw them in training. Remove or replace them in the text."
+            )
+        return torch.tensor([ids_of[key] for key in keys], dtype=torch.long)
+
+    def token_strings(self, ids) -> List[str]:
+        """One display string per token; bytes of a multi-byte character show it at its last byte, "" before."""
+        ids = torch.as_tensor(ids).tolist()
+        if self.unit not in TEXT_UNITS:
+            return [
+                "\n" if i == self.dictionary.eos() else self.dictionary[i] + " " for i in ids
+            ]  # words, pieces
+        table = symbol_bytes(self.dictionary, self.unit)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return [
+            decoder.decode(table[i] if table[i] is not None else self.dictionary[i].encode()) for i in ids
+        ]
+
+    def text(self, ids) -> str:
+        return "".join(self.token_strings(ids))
+
+
+def vocabulary_of(data_dir: Path, dictionary: Dictionary) -> Vocabulary:
+    """The unit and newline handling recorded by the data preparation, or guessed from the symbols."""
+    record = Path(data_dir) / RECORD
+    if record.is_file():
+        tokenization = json.loads(record.read_text(encoding="utf-8")).get("tokenization", {})
+        unit = tokenization.get("unit")
+        return Vocabulary(
+            dictionary, unit if unit in TEXT_UNITS else None, tokenization.get("newlines", "eos")
+        )
+    symbols = [
+        symbol
+        for index, symbol in enumerate(dictionary.symbols)
+        if index >= dictionary.nspecial and not symbol.startswith("madeupword")
+    ]
+    if len(symbols) >= 255 and all(symbol.isdigit() and int(symbol) < 256 for symbol in symbols):
+        unit = "bytes"
+    elif all(symbol_char(symbol) is not None for symbol in symbols):
+        unit = "characters"
+    else:
+        unit = None
+    logger.info(f"{data_dir} has no {RECORD}: tokens taken to be {unit or 'words or pieces'}")
+    return Vocabulary(dictionary, unit, "eos")
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    task: object  # LanguageModelingWithMemoryTask
+    vocabulary: Vocabulary
+    checkpoint: Path
+    data_dir: Path
+
+    @property
+    def block_size(self) -> int:
+        return self.model.decoder.block_size
+
+    @property
+    def max_span(self) -> int:
+        return self.model.decoder.rule.max_span
+
+    @property
+    def learned_spans(self) -> bool:
+        return self.model.decoder.rule.learned
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.decoder.layers)
+
+    def split_tokens(self, split: str, offset: int = 0, length: Optional[int] = None) -> Tensor:
+        """Tokens ``[offset, offset + length)`` of a binarized split of the data directory (N)."""
+        try:
+            self.task.load_dataset(split)
+        except FileNotFoundError as error:
+            raise AnalysisError(f"error: {error}") from error
+        tokens = self.task.dataset(split).tokens
+        end = len(tokens) if length is None else min(offset + length, len(tokens))
+        if not 0 <= offset < len(tokens):
+            raise AnalysisError(
+                f"error: --offset {offset} is outside split '{split}' ({len(tokens)} tokens): use 0 <= offset < "
+                f"{len(tokens)}"
+            )
+        return tokens.read(offset, end)
+
+
+def load_model(
+    checkpoint, data: Optional[Path] = None, inference_max_span: Optional[int] = None, cpu: bool = False
+) -> LoadedModel:
+    """The model of ``checkpoint`` in evaluation mode, spans capped at ``inference_max_span`` (None: uncapped).
+
+    ``data``: the data directory whose ``dict.txt`` the model was trained with (default: the one recorded in the
+    checkpoint). On the GPU when there is one, unless ``cpu``.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise AnalysisError(
+            f"error: checkpoint {checkpoint} not found: pass the .pt file fairseq-train wrote (its --save-dir, "
+            "e.g. checkpoints/checkpoint_best.pt); `python scripts/demo.py` trains a small one"
+        )
+    overrides = {"inference_max_span": inference_max_span}
+    if data is not None:
+        if not (Path(data) / "dict.txt").is_file():
+            raise AnalysisError(
+                f"error: {data}/dict.txt not found: --data must be the data directory the model was trained on"
+            )
+        overrides["data"] = str(data)
+    try:
+        models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+            [str(checkpoint)], arg_overrides=overrides
+        )
+    except FileNotFoundError as error:  # the data directory recorded in the checkpoint has moved
+        raise AnalysisError(
+            f"error: {error}. Pass --data DIR, the data directory the model was trained on"
+        ) from error
+    model = models[0]
+    if not callable(getattr(model, "reset_memory", None)):
+        raise AnalysisError(
+            f"error: {checkpoint} holds a {type(model).__name__}, not a model with a memory: analyse an "
+            "expire_span_lm or fixed_span_lm checkpoint"
+        )
+    if torch.cuda.is_available() and not cpu:
+        model.cuda()
+    model.eval()
+    data_dir = Path(utils.split_paths(task.cfg.data)[0])
+    logger.info(
+        f"loaded {checkpoint}: {len(model.decoder.layers)} layers, L = {model.decoder.rule.max_span}, "
+        f"M = {model.decoder.block_size}, inference cap {inference_max_span}"
+    )
+    return LoadedModel(model, task, vocabulary_of(data_dir, task.dictionary), checkpoint, data_dir)
+
+
+@dataclass
+class BlockRun:
+    """What the model did with each of the N tokens of a sequence."""
+
+    tokens: Tensor  # N
+    spans: Tensor  # layers x N   expire-span e of each token's memory (fixed-span models: L)
+    nll: Tensor  # N   nats for predicting the token from those before it; NaN at a stream's first token
+    memory: Tensor  # layers   entries kept after a block, mean over blocks and streams, weighted by targets
+
+    @property
+    def scored(self) -> Tensor:  # N, True where the token was predicted
+        return ~self.nll.isnan()
+
+    def bits_per_token(self) -> float:
+        """Mean loss over the predicted tokens in bits: what ``fairseq-eval-lm`` reports as "Loss (base 2)"."""
+        return float(self.nll[self.scored].mean()) / math.log(2)
+
+
+def run_blocks(loaded: LoadedModel, tokens: Tensor, streams: int = 1) -> BlockRun:
+    """Feed ``tokens`` (N) block by block, memory carried, as ``fairseq-eval-lm --batch-size streams`` does.
+
+    The sequence is cut into ``streams`` contiguous streams run side by side (more is faster; each stream starts
+    from an empty memory, and its first token is not predicted).
+    """
+    model, M = loaded.model, loaded.block_size
+    pad = loaded.vocabulary.dictionary.pad()
+    N = len(tokens)
+    if N < 2 * streams:
+        raise AnalysisError(
+            f"error: {N} tokens cannot be cut into {streams} streams of at least two tokens: give a longer text "
+            "or fewer --streams"
+        )
+    layout = StreamLayout(0, N, streams, M)
+    device = next(model.parameters()).device
+    spans = torch.full((loaded.num_layers, N), math.nan)
+    nll = torch.full((N,), math.nan)
+    kept_sum, targets_seen = torch.zeros(loaded.num_layers), 0
+    with torch.no_grad():
+        for k in range(layout.num_blocks):
+            source = torch.full((streams, M), pad, dtype=torch.long)
+            target = torch.full((streams, M), pad, dtype=torch.long)
+            pieces = [layout.block(stream, k) for stream in range(streams)]
+            for row, (first, last) in enumerate(pieces):
+                inputs = tokens[first : min(last, first + M)]
+                source[row, : len(inputs)] = inputs
+                target[row, : last - first - 1] = tokens[first + 1 : last]
+            output = model(source.to(device), reset_memory=k == 0)
+            log_probs = model.get_normalized_probs(
+                output, log_probs=True, sample={"target": target.to(device)}
+            )
+            token_nll = (
+                -log_probs.gather(-1, target.to(device).unsqueeze(-1)).squeeze(-1).float().cpu()
+            )  # B x M
+            block_spans = output[1]["spans"].float().cpu()  # layers x B x M
+            for row, (first, last) in enumerate(pieces):
+                inputs = min(last, first + M) - first
+                spans[:, first : first + inputs] = block_spans[:, row, :inputs]
+                nll[first + 1 : last] = token_nll[row, : last - first - 1]
+            block_targets = int(target.ne(pad).sum())
+            kept_sum += output[1]["mem_sizes"].float().cpu() * block_targets
+            targets_seen += block_targets
+    return BlockRun(tokens, spans, nll, kept_sum / max(targets_seen, 1))
