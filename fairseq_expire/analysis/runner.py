@@ -49,29 +49,27 @@ class Vocabulary:
             )
         if self.newlines == "drop":
             text = text.replace("\n", "")
-        pieces = [bytes([b]) for b in text.encode("utf-8")] if self.unit == "bytes" else list(text)
         ids_of = {
-            piece: index
-            for index, piece in enumerate(symbol_bytes(self.dictionary, self.unit))
-            if piece is not None
+            piece: index for index, piece in enumerate(symbol_bytes(self.dictionary, self.unit)) if piece
         }
-        keys = pieces if self.unit == "bytes" else [char.encode("utf-8") for char in pieces]
-        missing = Counter(ord(char) for char, key in zip(pieces, keys) if key not in ids_of)
+        if self.unit == "bytes":  # every byte value has a symbol (the newline: </s>)
+            return torch.tensor([ids_of[bytes([value])] for value in text.encode("utf-8")], dtype=torch.long)
+        missing = Counter(ord(char) for char in text if char.encode("utf-8") not in ids_of)
         if missing:
+            listed = ", ".join(
+                f"{name}: {count}" for name, count in unknown_report(missing, limit=10).items()
+            )
             raise AnalysisError(
                 f"error: {sum(missing.values())} characters of the text are not in the model's dictionary "
-                f"({', '.join(f'{name}: {count}' for name, count in unknown_report(missing, limit=10).items())}):"
-                " the model never saw them in training. Remove or replace them in the text."
+                f"({listed}): the model never saw them in training. Remove or replace them in the text."
             )
-        return torch.tensor([ids_of[key] for key in keys], dtype=torch.long)
+        return torch.tensor([ids_of[char.encode("utf-8")] for char in text], dtype=torch.long)
 
     def token_strings(self, ids) -> List[str]:
         """One display string per token; bytes of a multi-byte character show it at its last byte, "" before."""
         ids = torch.as_tensor(ids).tolist()
-        if self.unit not in TEXT_UNITS:
-            return [
-                "\n" if i == self.dictionary.eos() else self.dictionary[i] + " " for i in ids
-            ]  # words, pieces
+        if self.unit not in TEXT_UNITS:  # words or pieces: their symbols, space-separated
+            return ["\n" if i == self.dictionary.eos() else self.dictionary[i] + " " for i in ids]
         table = symbol_bytes(self.dictionary, self.unit)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         return [

@@ -24,7 +24,7 @@ NEW_TOKEN_COLOUR = "#d9d9d9"  # edited tokens that have no counterpart in the or
 # PNG geometry (pixels): every panel is a title, one row per layer and an axis of token positions.
 ROW_PX, TITLE_PX, AXIS_PX, LEFT_PX, RIGHT_PX = 32, 28, 44, 120, 110
 DPI = 64  # a power of two: width / DPI inches times DPI gives back exactly the pixels asked for
-LABELLED_TOKENS = 80  # at most this many tokens get their character under the heatmap
+LABEL_PX = 9  # tokens get their character under the heatmap when each has at least this many pixels
 
 
 @dataclass
@@ -49,14 +49,17 @@ class SpanPanel:
 
 
 def apply_edit(text: str, edit: str) -> Tuple[str, int]:
-    """``text`` with every whole-word occurrence of OLD replaced by NEW (``edit`` is "OLD=NEW"), and how many."""
+    """``text`` with the first whole-word occurrence of OLD replaced by NEW (``edit`` is "OLD=NEW"), and where.
+
+    One change in the past: every token after it may keep or forget differently (Figure 9 b/c).
+    """
     old, separator, new = edit.partition("=")
     if not separator or not old:
         raise AnalysisError(f"error: --edit {edit!r} is not OLD=NEW: write e.g. --edit Paris=Rome")
-    edited, count = re.subn(rf"(?<!\w){re.escape(old)}(?!\w)", lambda match: new, text)
-    if count == 0:
+    found = re.search(rf"(?<!\w){re.escape(old)}(?!\w)", text)
+    if found is None:
         raise AnalysisError(f"error: --edit: the word {old!r} does not occur in the text; pick one that does")
-    return edited, count
+    return text[: found.start()] + new + text[found.end() :], found.start()
 
 
 def aligned_baseline(original: BlockRun, edited: BlockRun) -> Tensor:
@@ -67,7 +70,9 @@ def aligned_baseline(original: BlockRun, edited: BlockRun) -> Tensor:
     matcher = difflib.SequenceMatcher(None, original.tokens.tolist(), edited.tokens.tolist(), autojunk=False)
     baseline = torch.full_like(edited.spans, float("nan"))
     for start_original, start_edited, size in matcher.get_matching_blocks():
-        baseline[:, start_edited : start_edited + size] = original.spans[:, start_original : start_original + size]
+        baseline[:, start_edited : start_edited + size] = original.spans[
+            :, start_original : start_original + size
+        ]
     return baseline
 
 
@@ -136,7 +141,9 @@ def _panel_html(panel: SpanPanel, max_span: int) -> str:
         tokens = []
         for position, (string, value) in enumerate(zip(panel.strings, values)):
             before = float(panel.baseline[layer, position]) if panel.shows_change else None
-            background, foreground = _css_colours(colour_values[layer, position], panel.shows_change, max_span)
+            background, foreground = _css_colours(
+                colour_values[layer, position], panel.shows_change, max_span
+            )
             title = html.escape(_token_title(position, string, float(value), before))
             tokens.append(
                 f'<span class="t" style="background:{background};color:{foreground}" title="{title}">'
@@ -158,7 +165,9 @@ def _legend_html(max_span: int, change: bool) -> str:
     for mark in marks:
         background, foreground = _css_colours(float(mark), change, max_span)
         label = f"{mark:+d}" if change and mark else str(mark)
-        swatches.append(f'<span class="t" style="background:{background};color:{foreground}">{label}</span>')
+        swatches.append(
+            f'<span class="swatch" style="background:{background};color:{foreground}">{label}</span>'
+        )
     name = "change of span (edited - original)" if change else "span"
     return f'<p class="legend">{name}: {" ".join(swatches)}</p>'
 
@@ -169,7 +178,7 @@ body { font-family: sans-serif; margin: 1.5em; }
 .label { flex: 0 0 7em; font-size: 0.9em; }
 .tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.6; }
 .t { padding: 1px 0; }
-.legend .t { padding: 1px 4px; font-family: monospace; }
+.swatch { padding: 1px 4px; font-family: monospace; }
 pre.text { white-space: pre-wrap; background: #f6f6f6; padding: 0.8em; }
 """
 
@@ -180,7 +189,9 @@ def spans_html(panels: List[SpanPanel], heading: str, max_span: int, texts: List
     if any(panel.shows_change for panel in panels):
         legends += _legend_html(max_span, change=True)
     body = [f"<h1>{html.escape(heading)}</h1>", legends, *(_panel_html(panel, max_span) for panel in panels)]
-    body += [f"<h2>{html.escape(name)}</h2><pre class='text'>{html.escape(text)}</pre>" for name, text in texts]
+    body += [
+        f"<h2>{html.escape(name)}</h2><pre class='text'>{html.escape(text)}</pre>" for name, text in texts
+    ]
     return (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
         f"<title>{html.escape(heading)}</title><style>{STYLE}</style></head>\n<body>\n"
@@ -245,9 +256,13 @@ def spans_png(panels: List[SpanPanel], path: Path, heading: str, max_span: int, 
             axes = figure.add_axes(
                 [LEFT_PX / width, bottom / height, (width - LEFT_PX - RIGHT_PX) / width, rows_height / height]
             )
-            bar = figure.add_axes([(width - RIGHT_PX + 14) / width, bottom / height, 14 / width, rows_height / height])
+            bar = figure.add_axes(
+                [(width - RIGHT_PX + 14) / width, bottom / height, 14 / width, rows_height / height]
+            )
             colours = CHANGE_COLOURS if panel.shows_change else SPAN_COLOURS
-            colour_map = LinearSegmentedColormap.from_list("spans", colours).with_extremes(bad=NEW_TOKEN_COLOUR)
+            colour_map = LinearSegmentedColormap.from_list("spans", colours).with_extremes(
+                bad=NEW_TOKEN_COLOUR
+            )
             low = -max_span if panel.shows_change else 0
             image = axes.imshow(
                 panel.colour_values().numpy(),
@@ -256,11 +271,13 @@ def spans_png(panels: List[SpanPanel], path: Path, heading: str, max_span: int, 
                 cmap=colour_map,
                 norm=FuncNorm((scale, unscale), vmin=low, vmax=max_span),
             )
-            colour_bar = figure.colorbar(image, cax=bar, ticks=_bar_ticks(max_span, panel.shows_change, layers))
+            colour_bar = figure.colorbar(
+                image, cax=bar, ticks=_bar_ticks(max_span, panel.shows_change, layers)
+            )
             colour_bar.ax.tick_params(labelsize=10)
             axes.set_yticks(range(layers), [f"layer {layer + 1}" for layer in range(layers)])
             axes.set_title(f"{heading}: {panel.title}" if panel is panels[0] else panel.title, loc="left")
-            if tokens <= LABELLED_TOKENS:
+            if (width - LEFT_PX - RIGHT_PX) / tokens >= LABEL_PX:
                 axes.set_xticks(range(tokens), [_tick_label(string) for string in panel.strings], fontsize=10)
             axes.set_xlabel("token", fontsize=10, labelpad=2)
             top = bottom - AXIS_PX

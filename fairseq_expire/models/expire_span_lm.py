@@ -160,6 +160,11 @@ class ExpireSpanDecoder(FairseqDecoder):
             )
         self.rule = SpanRule(cfg.max_span, getattr(cfg, "expire_span_ramp", 0), learned_spans)
         self.noisy = learned_spans and cfg.expire_span_noisy
+        if cfg.inference_max_span is not None and cfg.inference_max_span < 1:
+            raise ValueError(
+                f"inference_max_span {cfg.inference_max_span}: the cap on spans at evaluation must be at least 1 "
+                "(leave it unset for no cap)"
+            )
         self.inference_max_span = cfg.inference_max_span
         pad = dictionary.pad()
         if cfg.adaptive_input:
