@@ -100,9 +100,32 @@ def _explain_missing_user_dir(module):
     module.import_user_module = import_user_module
 
 
+# --- torch >= 2.4: process groups left alive at exit ---------------------------------------------------------------
+# fairseq's ``distributed_main`` ends with a barrier and returns, leaving the process group to interpreter teardown.
+# With gloo, its worker threads are then destroyed while joinable and a rank can die with "terminate called without
+# an active exception" (SIGABRT) after training finished: srun reports the job FAILED. Destroy the group first.
+
+
+def _distributed_main_then_destroy_group(i, main, cfg, kwargs):
+    """fairseq's ``distributed_main``, then ``destroy_process_group``; module level so that spawn can pickle it."""
+    import torch.distributed
+    from fairseq.distributed import utils
+
+    utils._fairseq_expire_original_distributed_main(i, main, cfg, kwargs)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _fix_distributed_utils(module):
+    _full_unpickling_for_checkpoints(module)
+    if not hasattr(module, "_fairseq_expire_original_distributed_main"):
+        module._fairseq_expire_original_distributed_main = module.distributed_main
+        module.distributed_main = _distributed_main_then_destroy_group
+
+
 _POST_IMPORT_FIXES = {
     "fairseq.checkpoint_utils": _full_unpickling_for_checkpoints,
-    "fairseq.distributed.utils": _full_unpickling_for_checkpoints,
+    "fairseq.distributed.utils": _fix_distributed_utils,
     "fairseq.utils": _explain_missing_user_dir,
 }
 

@@ -310,11 +310,11 @@ def update_memory(
     rank = torch.arange(1, kept + 1, device=block.device).expand(B, -1).contiguous()
     survivors = torch.searchsorted(keep.cumsum(1), rank).clamp(max=max(N - 1, 0))  # B x kept
     index = torch.cat([survivors, torch.arange(N, N + M, device=block.device).expand(B, -1)], dim=1)
+    # as rows of the flattened batch: index_select copies whole rows, a gather would index every element
+    rows = (index + torch.arange(B, device=block.device).unsqueeze(1) * (N + M)).flatten()  # B * (kept + M)
 
     def select(source: Tensor) -> Tensor:  # B x (N + M) x ... -> B x (kept + M) x ...
-        return source.gather(
-            1, index.view(B, -1, *([1] * (source.dim() - 2))).expand(-1, -1, *source.shape[2:])
-        )
+        return source.flatten(0, 1).index_select(0, rows).view(B, -1, *source.shape[2:])
 
     projection = hidden = None
     if cache_projection:  # the hidden states are only needed to project them again
