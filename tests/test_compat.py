@@ -87,13 +87,17 @@ def test_distributed_main_destroys_its_process_group(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     assert distributed_utils.distributed_main is fairseq_expire_compat._distributed_main_then_destroy_group
-    assert pickle.loads(pickle.dumps(distributed_utils.distributed_main)) is distributed_utils.distributed_main
+    assert (
+        pickle.loads(pickle.dumps(distributed_utils.distributed_main)) is distributed_utils.distributed_main
+    )
 
     def fairseq_distributed_main(i, main, cfg, kwargs):  # what fairseq's does, without its config machinery
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
         main(cfg, **kwargs)
 
-    monkeypatch.setattr(distributed_utils, "_fairseq_expire_original_distributed_main", fairseq_distributed_main)
+    monkeypatch.setattr(
+        distributed_utils, "_fairseq_expire_original_distributed_main", fairseq_distributed_main
+    )
     seen = []
     distributed_utils.distributed_main(0, lambda cfg: seen.append(dist.is_initialized()), None, {})
     assert seen == [True] and not dist.is_initialized()

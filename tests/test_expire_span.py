@@ -9,7 +9,12 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 
 import fairseq_expire.models.expire_span_lm as lm
-from fairseq_expire.modules.expire_span import LayerMemory, ramp_span_loss, soft_mask
+from fairseq_expire.modules.expire_span import LayerMemory, ramp_span_loss
+
+
+def soft_mask(remaining, ramp):
+    """The paper's ``m = clamp(1 + r / R, 0, 1)``, written as in the paper."""
+    return (1 + remaining / ramp).clamp(0, 1)
 
 
 def make_dictionary(size=12):
@@ -358,5 +363,10 @@ def test_attention_matches_the_dense_paper_formula_in_values_and_gradients(learn
         slow_grads = torch.autograd.grad(slow.square().sum(), [block, *model.parameters()], allow_unused=True)
         assert torch.allclose(fast, slow, atol=1e-5)
         assert attended == pytest.approx(float(slow_attended))
+        with torch.no_grad():  # the fused scaled_dot_product_attention path
+            fused, *_ = attention(
+                block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
+            )
+        assert torch.allclose(fused, slow, atol=1e-5)
         for a, b in zip(fast_grads, slow_grads):
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)

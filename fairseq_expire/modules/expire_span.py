@@ -76,30 +76,42 @@ class SpanPredictor(nn.Module):
         return self.max_span * torch.sigmoid(logit.squeeze(-1))
 
 
-def soft_mask(remaining: Tensor, ramp: int) -> Tensor:
-    """``m = clamp(1 + r / R, 0, 1)``: 1 while the memory is alive, a linear ramp of length R, then 0."""
-    return (remaining / ramp + 1.0).clamp(0.0, 1.0)
+def _query_offsets(block_size: int, device) -> Tensor:
+    """M x 1: how much further each query of the block is from every key than the first query is (t = 0..M-1)."""
+    return torch.arange(block_size, dtype=torch.float32, device=device).unsqueeze(1)
+
+
+def _block_soft_mask(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
+    """``m_{t,i}`` for the block's queries from ``r_i`` seen from its first query: B x T -> B x M x T.
+
+    Query t sees ``r_i - t``; ``1 + (r_i - t) / R`` is one subtraction per element from a per-key term.
+    """
+    offsets = _query_offsets(block_size, remaining_first.device) / ramp  # M x 1
+    return ((remaining_first / ramp + 1).unsqueeze(1) - offsets).clamp_(
+        0.0, 1.0
+    )  # m = clamp(1 + r / R, 0, 1)
 
 
 class _LogSoftMask(torch.autograd.Function):
-    """``log m`` for ``m = clamp(1 + r / R, 0, 1)``: -inf where m = 0, gradient ``1 / (R m)`` on the ramp.
+    """``log m_{t,i}`` (B x M x T) from ``r_i`` seen from the block's first query (B x T); -inf where m = 0.
 
-    Plain autograd through clamp and log would give ``0 * inf = NaN`` where m = 0, and more passes over the
-    B x M x T tensor; this is one formula each way.
+    The gradient on ``r_i`` is ``sum_t 1 / (R m_{t,i})`` over the queries t that see i on the ramp. Plain
+    autograd through clamp and log would give ``0 * inf = NaN`` where m = 0, make more passes over B x M x T, and
+    keep B x M x T tensors for the backward; this keeps only ``r`` and recomputes the mask.
     """
 
     @staticmethod
-    def forward(ctx, remaining: Tensor, ramp: int) -> Tensor:
-        mask = soft_mask(remaining, ramp)
-        ctx.save_for_backward(mask)
-        ctx.ramp = ramp
-        return mask.log()
+    def forward(ctx, remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
+        ctx.save_for_backward(remaining_first)
+        ctx.block_size, ctx.ramp = block_size, ramp
+        return _block_soft_mask(remaining_first, block_size, ramp).log_()
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (mask,) = ctx.saved_tensors
+        (remaining_first,) = ctx.saved_tensors
+        mask = _block_soft_mask(remaining_first, ctx.block_size, ctx.ramp)
         on_ramp = (mask > 0) & (mask < 1)
-        return torch.where(on_ramp, grad / (mask * ctx.ramp), 0.0), None
+        return torch.where(on_ramp, grad / mask, 0.0).sum(1) / ctx.ramp, None, None
 
 
 def ramp_span_loss(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
@@ -128,7 +140,9 @@ class RelativePositionTable(nn.Module):
     def scores(self, query: Tensor) -> Tensor:
         """``q_t . p_{t-i}`` for the last 2M keys (previous and current block), 0 outside distances 1..M.
 
-        query: B x K x M x D  ->  B x K x M x 2M
+        query: B x K x M x D  ->  B x K x M x 2M. Key c of the last 2M is at distance ``t + M - c`` from query t,
+        so row t is the band ``q_t . p_M, ..., q_t . p_1`` starting at column t: padding every row with M + 1
+        zeros and reading the rows back 2M at a time shifts row t by t (Transformer-XL's relative shift).
         """
         M = query.size(-2)
         if M != self.block_size:
@@ -136,13 +150,9 @@ class RelativePositionTable(nn.Module):
                 f"block of {M} tokens, but the model's position table covers {self.block_size}: use the "
                 "--tokens-per-sample the model was trained with"
             )
-        by_distance = torch.matmul(query, self.weight.to(query.dtype))  # B x K x M x M, column d-1
-        t = torch.arange(M, device=query.device).unsqueeze(1)
-        key = torch.arange(2 * M, device=query.device).unsqueeze(0)
-        distance = t + M - key  # M x 2M: key index M + j is the block's position j
-        in_range = (distance >= 1) & (distance <= M)
-        index = (distance - 1).clamp(0, M - 1).expand(*by_distance.shape[:-1], -1)
-        return torch.gather(by_distance, -1, index) * in_range.to(query.dtype)
+        band = torch.matmul(query, self.weight.flip(-1).to(query.dtype))  # B x K x M x M, column j: d = M - j
+        padded = F.pad(band, (0, M + 1))  # B x K x M x (2M + 1)
+        return padded.flatten(-2)[..., : 2 * M * M].view(*query.shape[:-2], M, 2 * M)
 
 
 @dataclass
@@ -208,9 +218,7 @@ class ExpireSpanAttention(nn.Module):
         first_distance = torch.cat(
             [memory_distance, _block_distances(M, block.device).expand(B, -1)], 1
         )  # B x T
-        # t - i for every query t and key i; padding is infinitely far, so it gets m = 0 below
-        query_offset = torch.arange(M, device=block.device, dtype=torch.float32).view(1, M, 1)
-        distance = first_distance.masked_fill(~valid, math.inf).unsqueeze(1) + query_offset  # B x M x T
+        far = first_distance.masked_fill(~valid, math.inf)  # padding is infinitely far, so it gets m = 0
 
         keys = Projection(
             torch.cat([past.keys, now.keys], dim=1),  # B x T x H
@@ -220,14 +228,15 @@ class ExpireSpanAttention(nn.Module):
         aux = None
         if self.rule.learned:
             spans = keys.spans if span_limit is None else keys.spans.clamp(max=span_limit)
-            log_mask = _LogSoftMask.apply(spans.unsqueeze(1) - distance, self.rule.ramp)  # B x M x T
+            log_mask = _LogSoftMask.apply(spans - far, M, self.rule.ramp)  # B x M x T
             aux = ramp_span_loss(spans - first_distance, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
             last_visible = (
                 torch.ceil(spans.detach() + self.rule.ramp - first_distance) - 1
             )  # m > 0: t - i < e + R
         else:
             limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
-            log_mask = torch.zeros_like(distance).masked_fill_(distance > limit, -math.inf)
+            too_far = far.unsqueeze(1) + _query_offsets(M, block.device) > limit  # B x M x T: t - i > L
+            log_mask = torch.zeros(too_far.shape, device=block.device).masked_fill_(too_far, -math.inf)
             last_visible = torch.floor(limit - first_distance)  # m > 0: t - i <= L
         # causal, self excluded: block key j is visible from query t only if j < t
         log_mask[..., -M:].masked_fill_(_not_before(M, block.device), -math.inf)
@@ -240,25 +249,25 @@ class ExpireSpanAttention(nn.Module):
 
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
         k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
-        # s = q.(k + p_{t-i}) / sqrt(D); the position term only for the previous and current block
-        if (
-            torch.is_grad_enabled()
-        ):  # autograd would copy all of B x K x M x T back through an in-place view add
+        # s = q.(k + p_{t-i}) / sqrt(D), the position term only for the previous and current block;
+        # a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)
+        if torch.is_grad_enabled():
+            # the position term goes into its own part: autograd would copy all of B x K x M x T back through
+            # an in-place add to a view
             scores = torch.cat(
                 [
                     torch.matmul(q, k[:, :, : -2 * M].transpose(-1, -2)),
                     torch.matmul(q, k[:, :, -2 * M :].transpose(-1, -2)) + positions.scores(q),
                 ],
                 dim=-1,
-            )
-        else:
-            scores = torch.matmul(q, k.transpose(-1, -2))
-            scores[..., -2 * M :] += positions.scores(q)
-        scores = scores.float()  # B x K x M x T
-        # a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)
-        attn = torch.softmax(scores.add_(log_mask.unsqueeze(1)), dim=-1)
-        attn = self.dropout(attn).to(v.dtype)
-        out = torch.matmul(attn, v)  # B x K x M x D
+            ).float()  # B x K x M x T
+            attn = torch.softmax(scores.add_(log_mask.unsqueeze(1)), dim=-1)
+            out = torch.matmul(self.dropout(attn).to(v.dtype), v)  # B x K x M x D
+        else:  # one fused kernel, with log m and the position term as its additive bias
+            bias = q.new_empty(B, self.num_heads, M, log_mask.size(-1)).copy_(log_mask.unsqueeze(1))
+            bias[..., -2 * M :] += positions.scores(q)
+            dropout = self.dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
         if not everyone_sees:
             out = out * sees_something.unsqueeze(1)
         out = out.transpose(1, 2).reshape(B, M, -1)  # B x M x H
