@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from fairseq_expire.launch.sweep import expand_job_ids
+
 PACKAGES = ("slurm-wlm", "slurmdbd", "munge", "mariadb-server")
 DAEMONS = ("munged", "mariadb-install-db", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "sacct", "sacctmgr", "squeue", "scancel", "sinfo")
@@ -306,7 +308,8 @@ class LocalSlurm:
         result = self.run("sacct", "-n", "-P", "-X", "-j", job_id, "--format", "JobID,State", check=False)
         for line in result.stdout.splitlines():
             jid, _, state = line.partition("|")
-            if jid == job_id:
+            # a pending array element cancelled before Slurm split it off is recorded as ``123_[4]``
+            if job_id in expand_job_ids(jid):
                 return state.split()[0] if state else "UNKNOWN"
         return "UNKNOWN"
 

@@ -87,9 +87,8 @@ def _block_soft_mask(remaining_first: Tensor, block_size: int, ramp: int) -> Ten
     Query t sees ``r_i - t``; ``1 + (r_i - t) / R`` is one subtraction per element from a per-key term.
     """
     offsets = _query_offsets(block_size, remaining_first.device) / ramp  # M x 1
-    return ((remaining_first / ramp + 1).unsqueeze(1) - offsets).clamp_(
-        0.0, 1.0
-    )  # m = clamp(1 + r / R, 0, 1)
+    # m = clamp(1 + r / R, 0, 1)
+    return ((remaining_first / ramp + 1).unsqueeze(1) - offsets).clamp_(0.0, 1.0)
 
 
 class _LogSoftMask(torch.autograd.Function):
