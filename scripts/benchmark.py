@@ -3,9 +3,10 @@
 
 Each measurement runs in its own subprocess so that peak memory (CPU RSS, or CUDA max allocated) is its own.
 Training: forward + backward + Adam step on a stream of tokens, carrying the memory across blocks; evaluation:
-forward only, with and without the cached memory keys/values (the cached run also times a twin without the cache,
-alternating blocks in one process: "cache speed-up"; its peak memory includes the twin). Runs start at steady state (the memory is
-prefilled with what a long stream leaves in it), then ``--warmup`` blocks are not timed. For each expire-span
+forward only, with and without the cached memory keys/values; the cached run also times a twin without the
+cache, alternating blocks in one process ("cache speed-up"; its peak memory includes the twin). Runs start at
+steady state (the memory is prefilled with what a long stream leaves in it), then ``--warmup`` blocks are not
+timed. For each expire-span
 run, a fixed-span run with L = its measured mean span S (at least the block M) shows whether cost follows the
 memory kept. Prints a Markdown table, with the ratio to the authors' implementation where the issue gives its
 figure, and writes JSON.

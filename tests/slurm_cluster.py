@@ -305,10 +305,12 @@ class LocalSlurm:
 
     def job_state(self, job_id: str) -> str:
         """The accounting state of a job (array element ``123_4`` or plain ``123``), e.g. COMPLETED, FAILED."""
-        result = self.run("sacct", "-n", "-P", "-X", "-j", job_id, "--format", "JobID,State", check=False)
+        # Ask for the whole array: a pending element cancelled before Slurm split it off is recorded as
+        # ``123_[4]``, which ``sacct -j 123_4`` does not find (``sweep.py status`` asks the same way).
+        base = job_id.split("_")[0]
+        result = self.run("sacct", "-n", "-P", "-X", "-j", base, "--format", "JobID,State", check=False)
         for line in result.stdout.splitlines():
             jid, _, state = line.partition("|")
-            # a pending array element cancelled before Slurm split it off is recorded as ``123_[4]``
             if job_id in expand_job_ids(jid):
                 return state.split()[0] if state else "UNKNOWN"
         return "UNKNOWN"

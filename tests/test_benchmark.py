@@ -16,7 +16,11 @@ def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
     )  # fmt: skip
     rows = json.loads(out.read_text())
     kinds = {(r["model"], r["mode"]) for r in rows}
-    assert {("expire_span_lm", "train"), ("expire_span_lm", "eval+cache"), ("expire_span_lm", "eval")} <= kinds
+    assert {
+        ("expire_span_lm", "train"),
+        ("expire_span_lm", "eval+cache"),
+        ("expire_span_lm", "eval"),
+    } <= kinds
     assert ("fixed_span_lm", "train") in kinds
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0

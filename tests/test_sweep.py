@@ -206,11 +206,6 @@ def test_a_save_dir_used_by_another_sweep_is_refused(finished_sweep, local_slurm
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="flaky in the full suite on the shared local Slurm: the cancelled array element can stay without an "
-    "accounting record for over 60 s (passes alone); to be fixed, see issue 8",
-)
 def test_failed_and_cancelled_jobs_are_reported_as_such_with_their_logs(local_slurm, tiny_data, tmp_path):
     """--max-span 8 < --tokens-per-sample 16 passes fairseq's parser but the model refuses it when built."""
     root = tmp_path / "failing"
