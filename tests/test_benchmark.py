@@ -26,5 +26,5 @@ def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
         assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0
         assert all(0 < kept <= 64 + 8 for kept in row["memory_per_layer"])  # L + R
     (cached,) = [r for r in rows if r["model"] == "expire_span_lm" and r["mode"] == "eval+cache"]
-    assert cached["cache_speedup"] > 0
-    assert "| cache speed-up |" in result.stdout
+    assert cached["cache_speedup"] > 0 and cached["cache_bound"] > 1
+    assert "| cache speed-up (bound) |" in result.stdout

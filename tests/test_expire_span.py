@@ -9,7 +9,13 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 
 import fairseq_expire.models.expire_span_lm as lm
-from fairseq_expire.modules.expire_span import LayerMemory, ramp_span_loss
+from fairseq_expire.modules.expire_span import (
+    LayerMemory,
+    RelativePositionTable,
+    _split_flash_attention,
+    _whole_bias_attention,
+    ramp_span_loss,
+)
 
 
 def soft_mask(remaining, ramp):
@@ -338,6 +344,22 @@ def reference_attention(attention, block, memory, positions, span_limit=None):
     a = torch.where(total > 0, weights / total.clamp(min=1e-30), torch.zeros_like(weights))
     out = (a @ v).transpose(1, 2).reshape(B, M, H)
     return attention.out_proj(out), (m > 0).sum(-1).float().mean()
+
+
+def test_split_cpu_attention_equals_one_call_with_the_whole_bias():
+    """The CPU path merges two kernel calls by their log-sum-exps; a part a row sees nothing of must not count."""
+    torch.manual_seed(0)
+    B, K, M, N, D = 2, 3, 4, 7, 5
+    T = N + M
+    positions = RelativePositionTable(D, M)
+    q, k, v = torch.randn(B, K, M, D), torch.randn(B, K, T, D), torch.randn(B, K, T, D)
+    log_mask = torch.rand(B, M, T).log()
+    log_mask[0, 1, : T - 2 * M] = -math.inf  # sees only the last 2M keys
+    log_mask[1, 2, T - 2 * M :] = -math.inf  # sees only the older memories
+    with torch.no_grad():
+        split = _split_flash_attention(q, k, v, log_mask, positions, 0.0)
+        whole = _whole_bias_attention(q, k, v, log_mask, positions, 0.0)
+    assert torch.allclose(split, whole, atol=1e-6)
 
 
 @pytest.mark.parametrize("learned", [True, False])

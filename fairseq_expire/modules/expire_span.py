@@ -140,9 +140,15 @@ class RelativePositionTable(nn.Module):
         """``q_t . p_{t-i}`` for the last 2M keys (previous and current block), 0 outside distances 1..M.
 
         query: B x K x M x D  ->  B x K x M x 2M. Key c of the last 2M is at distance ``t + M - c`` from query t,
-        so row t is the band ``q_t . p_M, ..., q_t . p_1`` starting at column t: padding every row with M + 1
-        zeros and reading the rows back 2M at a time shifts row t by t (Transformer-XL's relative shift).
+        so row t is the band ``q_t . p_M, ..., q_t . p_1`` starting at column t (Transformer-XL's relative shift,
+        here a strided view of the scores).
         """
+        scores = query.new_zeros(*query.shape[:-1], 2 * query.size(-2))
+        self.add_scores_(query, scores)
+        return scores
+
+    def add_scores_(self, query: Tensor, scores: Tensor) -> None:
+        """Add ``q_t . p_{t-i}`` to ``scores`` (B x K x M x 2M, any strides) in place."""
         M = query.size(-2)
         if M != self.block_size:
             raise ValueError(
@@ -150,8 +156,10 @@ class RelativePositionTable(nn.Module):
                 "--tokens-per-sample the model was trained with"
             )
         band = torch.matmul(query, self.weight.flip(-1).to(query.dtype))  # B x K x M x M, column j: d = M - j
-        padded = F.pad(band, (0, M + 1))  # B x K x M x (2M + 1)
-        return padded.flatten(-2)[..., : 2 * M * M].view(*query.shape[:-2], M, 2 * M)
+        # the band's (t, j) is (t, t + j) of scores: one row and one column further per t
+        row, column = scores.stride()[-2:]
+        strides = (*scores.stride()[:-2], row + column, column)
+        scores.as_strided(band.shape, strides, scores.storage_offset()).add_(band)
 
 
 @dataclass
@@ -262,11 +270,8 @@ class ExpireSpanAttention(nn.Module):
             ).float()  # B x K x M x T
             attn = torch.softmax(scores.add_(log_mask.unsqueeze(1)), dim=-1)
             out = torch.matmul(self.dropout(attn).to(v.dtype), v)  # B x K x M x D
-        else:  # one fused kernel, with log m and the position term as its additive bias
-            bias = q.new_empty(B, self.num_heads, M, log_mask.size(-1)).copy_(log_mask.unsqueeze(1))
-            bias[..., -2 * M :] += positions.scores(q)
-            dropout = self.dropout.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
+        else:
+            out = fused_attention(q, k, v, log_mask, positions, self.dropout.p if self.training else 0.0)
         if not everyone_sees:
             out = out * sees_something.unsqueeze(1)
         out = out.transpose(1, 2).reshape(B, M, -1)  # B x M x H
@@ -276,6 +281,62 @@ class ExpireSpanAttention(nn.Module):
             seen_by = (last_visible.clamp(max=M - 1) - first_visible + 1).clamp(min=0) * valid
             attended = seen_by.sum() / (B * M)
         return self.out_proj(out), keys, aux, attended
+
+
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_mask: Tensor,
+    positions: RelativePositionTable,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """``softmax(q . k + log m + position term) v`` (q already scaled) in fused kernels, without autograd.
+
+    q: B x K x M x D, k and v: B x K x T x D, log m: B x M x T (fp32) -> B x K x M x D. Every row must see a key.
+    """
+    if q.device.type == "cpu" and k.size(-2) > 2 * q.size(-2) and hasattr(torch.ops.aten, _CPU_FLASH):
+        return _split_flash_attention(q, k, v, log_mask, positions, dropout_p)
+    return _whole_bias_attention(q, k, v, log_mask, positions, dropout_p)
+
+
+def _whole_bias_attention(q, k, v, log_mask, positions, dropout_p):
+    """The plain fused path: one call, with log m copied to every head and the position term added."""
+    B, K, M, _ = q.shape
+    bias = q.new_empty(B, K, M, log_mask.size(-1)).copy_(log_mask.unsqueeze(1))  # B x K x M x T
+    positions.add_scores_(q, bias[..., -2 * M :])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
+
+
+_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def _split_flash_attention(q, k, v, log_mask, positions, dropout_p):
+    """The older memories' keys (all but the last 2M) have no position term, so their bias is log m shared by
+    the heads (B x 1 x M x A, broadcast by the kernel, never copied K times). The two parts go through the CPU
+    flash kernel separately, and are merged by their log-sum-exps:
+    ``o = (e^{lse_old} o_old + e^{lse_recent} o_recent) / (e^{lse_old} + e^{lse_recent})``.
+    """
+    B, K, M, _ = q.shape
+    old = k.size(-2) - 2 * M
+    recent_bias = torch.stack([log_mask[..., old:].to(q.dtype)] * K, dim=1)  # B x K x M x 2M
+    positions.add_scores_(q, recent_bias)
+    parts = [
+        _flash_with_log_sum_exp(q, k[:, :, :old], v[:, :, :old], log_mask[:, None, :, :old], dropout_p),
+        _flash_with_log_sum_exp(q, k[:, :, old:], v[:, :, old:], recent_bias, dropout_p),
+    ]
+    total = torch.logaddexp(parts[0][1], parts[1][1])  # B x K x M
+    return sum(out * (lse - total).exp().unsqueeze(-1).to(out.dtype) for out, lse in parts)
+
+
+def _flash_with_log_sum_exp(q, k, v, bias, dropout_p):
+    """Output and log-sum-exp (B x K x M, fp32) of the CPU flash kernel; lse = -inf for a row that sees no key
+    (the kernel gives 0 there)."""
+    out, lse = getattr(torch.ops.aten, _CPU_FLASH)(
+        q, k, v, dropout_p, False, attn_mask=bias.to(q.dtype), scale=1.0
+    )
+    sees_nothing = bias.amax(-1) == -math.inf  # B x (1 or K) x M
+    return out, lse.masked_fill(sees_nothing, -math.inf)
 
 
 @functools.lru_cache(maxsize=8)
