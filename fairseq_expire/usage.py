@@ -30,3 +30,15 @@ def check_training_command(args) -> None:
             + ". Memory models need contiguous "
             "streams and the span loss. Run:\n  " + training_command(data, arch)
         )
+
+
+def check_batch_size(args) -> None:
+    """A batch is ``--batch-size`` streams of ``--tokens-per-sample`` tokens; without it fairseq-train stops on an
+    assertion deep inside fairseq, and ``--max-tokens`` alone does not say how many streams to keep."""
+    if getattr(args, "batch_size", None) is None:
+        arch = getattr(args, "arch", "expire_span_lm")
+        raise SystemExit(
+            f"error: --arch {arch} needs --batch-size N: the number of contiguous streams per GPU, each read "
+            "--tokens-per-sample tokens at a time (--max-tokens does not apply). Run:\n  "
+            + training_command(getattr(args, "data", None) or "DATA_DIR", arch)
+        )

@@ -235,7 +235,11 @@ def test_training_and_evaluation_memories_are_separate():
 
 def preset_args(arch, **extra):
     args = argparse.Namespace(
-        arch=arch, task="language_modeling_with_memory", criterion="expire_span_cross_entropy", **extra
+        arch=arch,
+        task="language_modeling_with_memory",
+        criterion="expire_span_cross_entropy",
+        batch_size=8,
+        **extra,
     )
     ARCH_CONFIG_REGISTRY[arch](args)
     return args
@@ -280,7 +284,9 @@ def test_every_preset_builds(arch):
     ],
 )
 def test_wrong_task_or_criterion_stops_with_the_full_command(task, criterion):
-    args = argparse.Namespace(arch="expire_span_lm", task=task, criterion=criterion, data="data-bin/enwik8")
+    args = argparse.Namespace(
+        arch="expire_span_lm", task=task, criterion=criterion, data="data-bin/enwik8", batch_size=8
+    )
     with pytest.raises(SystemExit) as error:
         ARCH_CONFIG_REGISTRY["expire_span_lm"](args)
     message = str(error.value)
@@ -289,6 +295,15 @@ def test_wrong_task_or_criterion_stops_with_the_full_command(task, criterion):
         and "--criterion expire_span_cross_entropy" in message
     )
     assert "fairseq-train data-bin/enwik8" in message
+
+
+def test_a_command_without_batch_size_stops_with_the_full_command():
+    args = argparse.Namespace(
+        arch="expire_span_lm", task="language_modeling_with_memory", criterion="expire_span_cross_entropy"
+    )
+    args.data, args.batch_size, args.max_tokens = "data-bin/enwik8", None, 4096
+    with pytest.raises(SystemExit, match="(?s)needs --batch-size N.*fairseq-train data-bin/enwik8"):
+        ARCH_CONFIG_REGISTRY["expire_span_lm"](args)
 
 
 @pytest.mark.parametrize("learned", [True, False])

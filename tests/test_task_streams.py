@@ -10,6 +10,7 @@ from console import REPO, make_data_bin, run
 from fairseq import options, tasks
 from fairseq.data import Dictionary, indexed_dataset
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from test_synthetic_common import generate
 
 import fairseq_expire  # noqa: F401  (registers the model and criterion)
 from fairseq_expire.data.streams import StreamBatches, StreamSplit, TokenSequence
@@ -348,7 +349,8 @@ def parsed_training_config(data, arch, *extra):
     args = options.parse_args_and_arch(
         parser,
         [str(data), "--user-dir", str(REPO / "fairseq_expire"), "--task", "language_modeling_with_memory"]
-        + ["--arch", arch, "--criterion", "expire_span_cross_entropy", "--tokens-per-sample", "16", *extra],
+        + ["--arch", arch, "--criterion", "expire_span_cross_entropy", "--tokens-per-sample", "16"]
+        + ["--batch-size", "4", *extra],
     )
     return convert_namespace_to_omegaconf(args)
 
@@ -363,6 +365,32 @@ def test_only_the_expire_span_criterion_is_accepted(data_bin):
     assert "fairseq-train " in str(refused.value) and "--arch fixed_span_lm_tiny" in str(refused.value)
     cfg.criterion._name = "expire_span_cross_entropy"
     assert type(task.build_criterion(cfg.criterion)).__name__ == "ExpireSpanCrossEntropyCriterion"
+
+
+@pytest.mark.parametrize("labelled", [False, True])
+def test_loss_is_the_nll_plus_alpha_times_the_span_loss_per_stream_position(data_bin, tmp_path, labelled):
+    """Paper 4.1: ``L_task + alpha * sum_i e_i / T`` with T the stream positions, also where only answers are
+    scored: fairseq divides the loss by the scored tokens, so the span loss is scaled by scored / positions.
+    """
+    data = generate(tmp_path, "corridor") if labelled else data_bin
+    spans_of_8 = ("--max-span", "32", "--expire-span-init-percentage", "0.25")  # keys 9-15 back: on the ramp
+    cfg = parsed_training_config(data, "expire_span_lm_tiny", "--expire-span-alpha", "0.5", *spans_of_8)
+    task = tasks.setup_task(cfg.task)
+    task.load_dataset("train")
+    model, criterion = task.build_model(cfg.model), task.build_criterion(cfg.criterion)
+    sample = next(iter(task.get_batch_iterator(task.dataset("train"), max_sentences=4).next_epoch_itr()))
+    assert sample["net_input"]["reset_memory"]  # so that the model gives the same output again below
+    loss, sample_size, logging_output = criterion(model, sample)
+
+    logits, extra = model(**sample["net_input"])
+    target = sample["target"]
+    scored = target.ne(PAD)
+    nll = -torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)[scored].sum()
+    positions = sample["net_input"]["src_tokens"].ne(PAD).sum()
+    assert extra["aux_loss"] != 0 and sample_size == scored.sum()
+    assert (scored.sum() < positions / 10) if labelled else (scored.sum() == positions)
+    assert float(loss) == pytest.approx(float(nll + 0.5 * extra["aux_loss"] * scored.sum() / positions))
+    assert float(logging_output["nll_loss"]) == pytest.approx(float(nll))
 
 
 def test_a_model_without_memory_is_refused(data_bin):

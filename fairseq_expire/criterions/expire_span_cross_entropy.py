@@ -1,5 +1,8 @@
 """Token NLL plus alpha times the span loss (paper 4.1: ``L_total = L_task + alpha * sum_i e_i / T``).
 
+T is the number of stream positions, whether every token is scored (language modelling) or only answers
+(synthetic tasks with label streams): alpha means the same penalty per memory on both.
+
 Also reports what people read in Expire-Span runs: spans, memory kept per layer, the attended memory |C_t|, and,
 on synthetic tasks with label streams, answer accuracy.
 """
@@ -37,9 +40,11 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
         extra = net_output[1]
         target = sample["target"]
         nll_loss = self._nll(model, net_output, target)
-        expire_loss = self.alpha * extra["aux_loss"]
-        loss = nll_loss + expire_loss
         ntokens = sample["ntokens"]
+        # the loss is divided by ntokens (scored targets) later; the span loss is per stream position
+        positions = sample["net_input"]["src_tokens"].ne(self.padding_idx).sum()
+        expire_loss = self.alpha * extra["aux_loss"] * ntokens / positions.clamp(min=1)
+        loss = nll_loss + expire_loss
 
         def weighted(value):  # summable across batches and ranks: divided by ntokens in reduce_metrics
             return value.detach().float() * ntokens

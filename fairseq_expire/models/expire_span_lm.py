@@ -32,7 +32,7 @@ from fairseq_expire.modules.expire_span import (
     SpanRule,
     update_memory,
 )
-from fairseq_expire.usage import check_training_command
+from fairseq_expire.usage import check_batch_size, check_training_command
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,8 @@ class ExpireSpanLanguageModel(FixedSpanLanguageModel):
 
 
 def _guard(arch):
-    """Run :func:`check_training_command` before an architecture function fills in defaults.
+    """Run :func:`check_training_command` and :func:`check_batch_size` before an architecture function fills in
+    defaults.
 
     fairseq calls architecture functions twice: on the full command line (which names a task) and again in
     ``build_model`` on the model config alone (which does not); only the first is a command to check.
@@ -331,6 +332,7 @@ def _guard(arch):
     def wrapped(args):
         if getattr(args, "task", None) is not None:
             check_training_command(args)
+            check_batch_size(args)
         arch(args)
 
     return wrapped
