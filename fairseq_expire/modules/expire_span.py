@@ -283,6 +283,11 @@ class ExpireSpanAttention(nn.Module):
         return self.out_proj(out), keys, aux, attended
 
 
+# The CPU flash kernel behind scaled_dot_product_attention, called directly for its log-sum-exp (the public
+# function does not return it). Where it is missing, or on other devices, attention takes the plain fused path.
+_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
+
+
 def fused_attention(
     q: Tensor,
     k: Tensor,
@@ -306,9 +311,6 @@ def _whole_bias_attention(q, k, v, log_mask, positions, dropout_p):
     bias = q.new_empty(B, K, M, log_mask.size(-1)).copy_(log_mask.unsqueeze(1))  # B x K x M x T
     positions.add_scores_(q, bias[..., -2 * M :])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
-
-
-_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 
 
 def _split_flash_attention(q, k, v, log_mask, positions, dropout_p):
