@@ -126,7 +126,7 @@ def test_corridor_expire_span_keeps_a_small_memory_that_a_fixed_span_of_its_size
     corridor_data, tmp_path
 ):
     """Paper Figure 4 (left). With the span loss, Expire-Span keeps the colour and little else: about 30
-    memories where it kept 62 without the loss (the previous block's 16 are always kept). A fixed span of that
+    memories where it keeps 59 without the loss (the previous block's 16 are always kept). A fixed span of that
     size cannot see the colour. One layer, so that a fixed span reaches exactly its span back (two reach twice
     as far through the layers). Adam moves the span predictor at about its learning rate whatever alpha is, so
     the rate, not alpha, sets how fast spans shrink: lr 1e-3 lets the model learn to keep the colour first."""
