@@ -324,21 +324,23 @@ def _split_flash_attention(q, k, v, log_mask, positions, dropout_p):
     recent_bias = torch.stack([log_mask[..., old:].to(q.dtype)] * K, dim=1)  # B x K x M x 2M
     positions.add_scores_(q, recent_bias)
     parts = [
-        _flash_with_log_sum_exp(q, k[:, :, :old], v[:, :, :old], log_mask[:, None, :, :old], dropout_p),
-        _flash_with_log_sum_exp(q, k[:, :, old:], v[:, :, old:], recent_bias, dropout_p),
+        _flash_with_log_sum_exp(q, k[:, :, :old], v[:, :, :old], log_mask[..., :old], None, dropout_p),
+        _flash_with_log_sum_exp(q, k[:, :, old:], v[:, :, old:], log_mask[..., old:], recent_bias, dropout_p),
     ]
     total = torch.logaddexp(parts[0][1], parts[1][1])  # B x K x M
     return sum(out * (lse - total).exp().unsqueeze(-1).to(out.dtype) for out, lse in parts)
 
 
-def _flash_with_log_sum_exp(q, k, v, bias, dropout_p):
-    """Output and log-sum-exp (B x K x M, fp32) of the CPU flash kernel; lse = -inf for a row that sees no key
-    (the kernel gives 0 there)."""
+def _flash_with_log_sum_exp(q, k, v, log_mask, bias, dropout_p):
+    """Output and log-sum-exp (B x K x M, fp32) of the CPU flash kernel over keys with mask ``log_mask``
+    (B x M x T'), and the per-head ``bias`` if given (else log m, shared by the heads); lse = -inf for a row
+    that sees none of these keys (the kernel gives 0 there)."""
+    bias = log_mask.unsqueeze(1) if bias is None else bias
     out, lse = getattr(torch.ops.aten, _CPU_FLASH)(
         q, k, v, dropout_p, False, attn_mask=bias.to(q.dtype), scale=1.0
     )
-    sees_nothing = bias.amax(-1) == -math.inf  # B x (1 or K) x M
-    return out, lse.masked_fill(sees_nothing, -math.inf)
+    sees_nothing = log_mask.amax(-1) == -math.inf  # B x M
+    return out, lse.masked_fill(sees_nothing.unsqueeze(1), -math.inf)
 
 
 @functools.lru_cache(maxsize=8)
