@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from fairseq_expire.launch.sweep import expand_job_ids
+from fairseq_expire.launch.sweep import parse_sacct_states
 
 PACKAGES = ("slurm-wlm", "slurmdbd", "munge", "mariadb-server")
 DAEMONS = ("munged", "mariadb-install-db", "mariadbd", "slurmdbd", "slurmctld", "slurmd")
@@ -309,11 +309,7 @@ class LocalSlurm:
         # ``123_[4]``, which ``sacct -j 123_4`` does not find (``sweep.py status`` asks the same way).
         base = job_id.split("_")[0]
         result = self.run("sacct", "-n", "-P", "-X", "-j", base, "--format", "JobID,State", check=False)
-        for line in result.stdout.splitlines():
-            jid, _, state = line.partition("|")
-            if job_id in expand_job_ids(jid):
-                return state.split()[0] if state else "UNKNOWN"
-        return "UNKNOWN"
+        return parse_sacct_states(result.stdout).get(job_id, "UNKNOWN")
 
     def wait_job(self, job_id: str, timeout: float = 300) -> str:
         """Wait until a job has ended; its final state."""

@@ -20,6 +20,7 @@ from fairseq_expire.launch.sweep import (
     job_states,
     load_grid,
     parse_grid_items,
+    parse_sacct_states,
     point_names,
     read_manifest,
     summarize_log,
@@ -61,6 +62,12 @@ def test_grid_items_and_files_expand_to_every_combination(tmp_path):
 def test_array_ids_from_sacct():
     assert expand_job_ids("12_[0-2,5%2]") == ["12_0", "12_1", "12_2", "12_5"]
     assert expand_job_ids("12_3") == ["12_3"] and expand_job_ids("13") == ["13"]
+
+
+def test_an_elements_own_accounting_record_wins_over_the_arrays_pending_record():
+    # as sacct listed a failed element and, after it, its array's pending rest, cancelled before Slurm split it off
+    states = parse_sacct_states("12_0|FAILED\n12_[0-1%1]|CANCELLED by 0\n13|COMPLETED\n14_2|\n")
+    assert states == {"12_0": "FAILED", "12_1": "CANCELLED", "13": "COMPLETED", "14_2": "UNKNOWN"}
 
 
 def test_log_summary_and_tables():

@@ -192,12 +192,20 @@ def slurm_states(job_ids: Sequence[str]) -> Optional[Dict[str, str]]:
         return None
     if result.returncode != 0:
         return None
-    states = {}
-    for line in result.stdout.splitlines():
-        job_id, _, state = line.partition("|")
-        for single in expand_job_ids(job_id.strip()):
-            states[single] = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
-    return states
+    return parse_sacct_states(result.stdout)
+
+
+def parse_sacct_states(text: str) -> Dict[str, str]:
+    """``JobID|State`` lines -> {job id: state}. An element's own record (``123_4``) wins over a bracketed record
+    of the array's elements not yet split off (``123_[0-5]``), which accounting may list after it."""
+    own, pending = {}, {}
+    for line in text.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        ids = expand_job_ids(job_id)
+        record = own if ids == [job_id] else pending
+        for single in ids:
+            record[single] = state.split()[0] if state.strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+    return {**pending, **own}
 
 
 def _submitit_outcome(log_dir: Path, job_id: str) -> Optional[str]:
