@@ -7,9 +7,8 @@ forward only, with and without the cached memory keys/values; the cached run als
 cache, alternating blocks in one process ("cache speed-up"; its peak memory includes the twin), next to the most
 it could be by multiply-add count ("bound"). Runs start at steady state (the memory is prefilled with what a long
 stream leaves in it), then ``--warmup`` blocks are not timed. For each expire-span run, a fixed-span run with
-L = its measured mean span S (at least the block M) shows whether cost follows the
-memory kept. Prints a Markdown table, with the ratio to the authors' implementation where the issue gives its
-figure, and writes JSON.
+L = its measured mean span S (at least the block M) shows whether cost follows the memory kept. Prints a
+Markdown table, with the ratio to the authors' implementation where the issue gives its figure, and writes JSON.
 
     python scripts/benchmark.py --lengths 1024 4096 16384 --json bench.json
     python scripts/benchmark.py --lengths 65536 --modes train --memory-limit-gb 8    # does it fit?
