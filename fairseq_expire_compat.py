@@ -12,13 +12,27 @@ process of the environment (pip included).
 """
 
 import dataclasses
+import glob
 import importlib.abc
 import importlib.machinery
+import logging
 import os
+import shutil
 import sys
 import types
+import zipfile
 
 _INSTALLED = "_fairseq_expire_compat_installed"
+logger = logging.getLogger("fairseq_expire_compat")
+
+
+class UsageError(ValueError):
+    """Bad input, said with the option to change and how. The fairseq console scripts print it as one line
+    (``error: ...``, exit status 1) instead of a traceback, also when fairseq wrapped it in an error of its own.
+
+    It lives here, not in the plugin, because the console-script fix below must recognise it; the plugin
+    re-exports it as :class:`fairseq_expire.errors.UsageError`.
+    """
 
 
 # --- Python >= 3.11: dataclass instances as field defaults ---------------------------------------------------------
@@ -76,6 +90,184 @@ def _full_unpickling_for_checkpoints(module):
         module.torch = _TorchWithFullUnpickling("torch")
 
 
+# --- checkpoint files torn by a kill ---------------------------------------------------------------------------------
+# ``save_checkpoint`` writes the first file of a save atomically (``.tmp``, then rename) but ``PathManager.copy``s it
+# over ``checkpoint_last.pt`` and the others in place: a kill during the copy (Slurm preemption) leaves a truncated
+# ``checkpoint_last.pt``, and the same command then fails for good with ``EOFError``/``UnpicklingError``. Copies go
+# through a temporary file and ``os.replace``, a resume whose ``checkpoint_last.pt`` is unreadable starts from the
+# newest intact checkpoint of the save directory, and an unreadable checkpoint is named in one line.
+
+TEMPORARY = ".tmp"  # fairseq's own suffix for the file being written
+
+
+def readable_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a complete checkpoint file. torch's zip format writes its central directory last, so
+    an empty, truncated or foreign file has none; files in torch's legacy format are fully unpickled."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        import torch
+
+        torch.load(path, map_location="cpu", weights_only=False)
+        return True
+    except Exception:
+        return False
+
+
+class _AtomicCopyPathManager:
+    """fairseq's ``PathManager``, except that copying a local file makes the destination appear complete."""
+
+    def __init__(self, path_manager):
+        self._path_manager = path_manager
+
+    def __getattr__(self, name):
+        return getattr(self._path_manager, name)
+
+    def copy(self, src_path, dst_path, overwrite=False, **kwargs):
+        if "://" in src_path or "://" in dst_path:  # remote storage: its own semantics
+            return self._path_manager.copy(src_path, dst_path, overwrite=overwrite, **kwargs)
+        if os.path.exists(dst_path) and not overwrite:
+            return False
+        shutil.copyfile(src_path, dst_path + TEMPORARY)
+        os.replace(dst_path + TEMPORARY, dst_path)
+        return True
+
+
+def _newest_readable_checkpoint(save_dir: str, suffix: str, but: str):
+    candidates = [p for p in glob.glob(os.path.join(save_dir, f"checkpoint*{suffix}.pt")) if p != but]
+    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+        if readable_checkpoint(path):
+            return path
+    return None
+
+
+def repair_last_checkpoint(save_dir: str, suffix: str = "") -> None:
+    """Make ``checkpoint_last.pt`` intact before a resume: a torn one (or none left by an interrupted save) is
+    replaced by the newest readable checkpoint of ``save_dir``, and stale temporary files are removed."""
+    last = os.path.join(save_dir, f"checkpoint_last{suffix}.pt")
+    interrupted = os.path.exists(last + TEMPORARY)
+    for stale in glob.glob(os.path.join(save_dir, f"*.pt{TEMPORARY}")):
+        logger.warning(f"removing {stale}, left by an interrupted checkpoint save")
+        _remove(stale)
+    if os.path.exists(last) and readable_checkpoint(last):
+        return
+    if not os.path.exists(last) and not interrupted:
+        return  # a first launch
+    fallback = _newest_readable_checkpoint(save_dir, suffix, but=last)
+    if fallback is None:
+        logger.warning(
+            f"{last} is unreadable (a save was interrupted) and no intact checkpoint is left in "
+            f"{save_dir}: training starts from scratch"
+        )
+        _remove(last)
+        return
+    logger.warning(f"{last} is unreadable or missing (a save was interrupted): resuming from {fallback}")
+    _AtomicCopyPathManager(None).copy(fallback, last, overwrite=True)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:  # another rank was first
+        pass
+
+
+def _fix_checkpoint_utils(module):
+    _full_unpickling_for_checkpoints(module)
+    if isinstance(module.PathManager, _AtomicCopyPathManager):
+        return
+    module.PathManager = _AtomicCopyPathManager(module.PathManager)
+    load_checkpoint, load_checkpoint_to_cpu = module.load_checkpoint, module.load_checkpoint_to_cpu
+
+    def load_checkpoint_resuming_from_an_intact_file(cfg, trainer, **kwargs):
+        if cfg.restore_file == "checkpoint_last.pt":  # fairseq's default: resume from the save directory
+            repair_last_checkpoint(cfg.save_dir, trainer.checkpoint_suffix or "")
+        return load_checkpoint(cfg, trainer, **kwargs)
+
+    def load_checkpoint_to_cpu_naming_the_file(path, *args, **kwargs):
+        try:
+            return load_checkpoint_to_cpu(path, *args, **kwargs)
+        except Exception as error:
+            if os.path.isfile(path) and not readable_checkpoint(path):
+                raise UsageError(
+                    f"{path} is not a readable checkpoint ({type(error).__name__}: it is empty, truncated by an "
+                    "interrupted save, or not a checkpoint): pass another one (checkpoint_best.pt, or a "
+                    "checkpointEPOCH_UPDATES.pt of the same --save-dir)"
+                ) from error
+            raise
+
+    module.load_checkpoint = load_checkpoint_resuming_from_an_intact_file
+    module.load_checkpoint_to_cpu = load_checkpoint_to_cpu_naming_the_file
+
+
+# --- a model that reads an option its task lacks ------------------------------------------------------------------
+# ``convert_namespace_to_omegaconf`` resolves the model's ``II("task.X")`` options and fails with a bare omegaconf
+# ``ConfigKeyError`` when ``--task`` has no option X (``--arch transformer_lm --task language_modeling_with_memory``).
+
+
+def _name_the_task_a_model_does_not_fit(module):
+    original = module.convert_namespace_to_omegaconf
+    if getattr(original, "_fairseq_expire_compat", False):
+        return
+
+    def convert_namespace_to_omegaconf(args):
+        try:
+            return original(args)
+        except Exception as error:
+            missing = str(error).split("interpolation key 'task.", 1)
+            if type(error).__name__ != "ConfigKeyError" or len(missing) < 2:
+                raise
+            raise UsageError(
+                f"--arch {getattr(args, 'arch', None)} reads the task option '{missing[1].split(chr(39))[0]}', "
+                f"which --task {getattr(args, 'task', None)} does not have: the model is not made for this task "
+                "(pick an --arch of the task's own models)"
+            ) from error
+
+    convert_namespace_to_omegaconf._fairseq_expire_compat = True
+    module.convert_namespace_to_omegaconf = convert_namespace_to_omegaconf
+
+
+# --- console scripts: usage errors as one line ------------------------------------------------------------------
+# fairseq prints every exception as a traceback, and its trainer wraps any error of loading weights into "please
+# ensure that the architectures match". A :class:`UsageError` anywhere in the chain is printed as the one line it
+# is. The process then ends with ``os._exit``: at that point data-loader and buffer threads may still run, and a
+# normal interpreter exit can abort in their C++ destructors ("terminate called without an active exception").
+
+
+def usage_error_in(error: BaseException):
+    """The :class:`UsageError` that caused ``error`` (itself, its cause or its context), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UsageError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _one_line_usage_errors(module):
+    original = module.cli_main
+    if getattr(original, "_fairseq_expire_compat", False):
+        return
+
+    def cli_main(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except Exception as error:
+            usage = usage_error_in(error)
+            if usage is None:
+                raise
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.write(f"error: {usage}\n")
+            sys.stderr.flush()
+            os._exit(1)
+
+    cli_main._fairseq_expire_compat = True
+    module.cli_main = cli_main
+
+
 # --- --user-dir pointing nowhere ---------------------------------------------------------------------------------------
 # fairseq raises a bare ``FileNotFoundError: /abs/path`` from deep inside its argument parsing.
 
@@ -124,9 +316,14 @@ def _fix_distributed_utils(module):
 
 
 _POST_IMPORT_FIXES = {
-    "fairseq.checkpoint_utils": _full_unpickling_for_checkpoints,
+    "fairseq.checkpoint_utils": _fix_checkpoint_utils,
+    "fairseq.dataclass.utils": _name_the_task_a_model_does_not_fit,
     "fairseq.distributed.utils": _fix_distributed_utils,
     "fairseq.utils": _explain_missing_user_dir,
+    **{
+        f"fairseq_cli.{name}": _one_line_usage_errors
+        for name in ("train", "eval_lm", "validate", "generate", "interactive")
+    },
 }
 
 
@@ -147,6 +344,9 @@ class _FixingLoader(importlib.abc.Loader):
     def __init__(self, loader, fix):
         self.loader = loader
         self.fix = fix
+
+    def __getattr__(self, name):  # get_code, get_source...: runpy (``python -m``) asks the loader for them
+        return getattr(self.loader, name)
 
     def create_module(self, spec):
         return self.loader.create_module(spec)

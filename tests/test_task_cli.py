@@ -217,3 +217,88 @@ def test_bad_training_input_stops_with_one_clear_line(data_bin, tmp_path):
         result = run("fairseq-train", *command, check=False)
         assert result.returncode != 0
         assert reason in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+
+
+def refusal(result) -> str:
+    """The one line a refused command ends with (and the check that it ended so, not by a traceback or signal)."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-3000:])
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return last
+
+
+def test_bad_options_and_data_stop_fairseq_train_with_one_line_before_the_model_is_built(data_bin, tmp_path):
+    no_train = tmp_path / "no_train"  # a second shard that lacks the train split
+    no_train.mkdir()
+    (no_train / "dict.txt").write_bytes((data_bin / "dict.txt").read_bytes())
+    cases = [
+        (("--expire-span-ramp", 0), "--expire-span-ramp 0: must be an integer >= 1"),
+        (("--expire-span-init-percentage", 1), "--expire-span-init-percentage 1.0: must be strictly between"),
+        (("--tokens-per-sample", 10**8, "--max-span", 10**8), "larger than the split 'train'"),
+        (("--batch-size-valid", 500), "streams would be empty"),
+        (("--batch-size", -3), "--batch-size -3: must be an integer >= 1"),
+    ]
+    for extra, reason in cases:
+        result = run("fairseq-train", *train_command(data_bin, tmp_path / "a", *extra), check=False)
+        assert reason in refusal(result) and "model params" not in result.stderr
+    result = run("fairseq-train", *train_command(f"{data_bin}:{no_train}", tmp_path / "b"), check=False)
+    assert "split 'train' not found" in refusal(result) and "model params" not in result.stderr
+    for command, reason in [
+        (
+            train_command(data_bin, tmp_path / "c", "--expire-span-alpha", -1),
+            "--expire-span-alpha -1.0: must be",
+        ),
+        (train_command(data_bin, tmp_path / "d", arch="transformer_lm"), "reads the task option"),
+    ]:
+        assert reason in refusal(run("fairseq-train", *command, check=False))
+    assert not any(path.suffix == ".pt" for path in tmp_path.rglob("*"))
+
+
+def shuffled_dictionary_copy(data_bin, directory):
+    """The same data under a dictionary of the same size whose ids mean other symbols."""
+    directory.mkdir()
+    symbols = (data_bin / "dict.txt").read_text().splitlines()
+    (directory / "dict.txt").write_text("\n".join(symbols[1:] + symbols[:1]) + "\n")
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
+        (directory / name).write_bytes((data_bin / name).read_bytes())
+    return directory
+
+
+def test_weights_never_go_onto_another_dictionary_or_block_length(data_bin, checkpoint, tmp_path):
+    shuffled = shuffled_dictionary_copy(data_bin, tmp_path / "shuffled")
+    resume_elsewhere = tmp_path / "resume_elsewhere"  # the checkpoint's run, resumed on the other data
+    resume_elsewhere.mkdir()
+    (resume_elsewhere / "checkpoint_last.pt").write_bytes(checkpoint.read_bytes())
+    for save_dir, extra in [
+        (resume_elsewhere, ("--reset-dataloader",)),
+        (tmp_path / "finetune", ("--finetune-from-model", checkpoint)),
+    ]:
+        result = run("fairseq-train", *train_command(shuffled, save_dir, *extra, updates=12), check=False)
+        assert "trained with a different dictionary" in refusal(result)
+    assert "trained with a different dictionary" in refusal(
+        eval_lm(shuffled, checkpoint, "--batch-size", 2, check=False)
+    )
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "checkpoint_last.pt").write_bytes(checkpoint.read_bytes())
+    result = run("fairseq-train", *train_command(data_bin, resumed, block=8, updates=12), check=False)
+    assert (
+        "--tokens-per-sample 8, but the checkpoint's model was trained with --tokens-per-sample 16"
+        in refusal(result)
+    )
+
+
+def test_eval_lm_refuses_another_block_length_and_unreadable_checkpoints_by_name(
+    data_bin, checkpoint, tmp_path
+):
+    for _ in range(3):  # it used to abort (SIGABRT) in about one run of six
+        result = eval_lm(data_bin, checkpoint, "--batch-size", 2, "--tokens-per-sample", 8, check=False)
+        assert "use --tokens-per-sample 16" in refusal(result)
+    empty, noise = tmp_path / "empty.pt", tmp_path / "noise.pt"
+    empty.write_bytes(b"")
+    noise.write_bytes(random.Random(0).randbytes(5000))
+    for path in (empty, noise):
+        assert f"{path} is not a readable checkpoint" in refusal(
+            eval_lm(data_bin, path, "--batch-size", 2, check=False)
+        )

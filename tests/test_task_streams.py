@@ -14,6 +14,7 @@ from test_synthetic_common import generate
 
 import fairseq_expire  # noqa: F401  (registers the model and criterion)
 from fairseq_expire.data.streams import StreamBatches, StreamSplit, TokenSequence
+from fairseq_expire.errors import UsageError
 from fairseq_expire.tasks.language_modeling_with_memory import (
     LanguageModelingWithMemoryConfig,
     LanguageModelingWithMemoryTask,
@@ -44,8 +45,7 @@ def numbered_split(prefix: Path, n_tokens: int, seed: int = 0) -> TokenSequence:
 
 def rank_batches(split, streams_per_rank, num_ranks, block, **kwargs):
     return [
-        StreamBatches(split, streams_per_rank, num_ranks, rank, block, "md5", **kwargs)
-        for rank in range(num_ranks)
+        StreamBatches(split, streams_per_rank, num_ranks, rank, block, **kwargs) for rank in range(num_ranks)
     ]
 
 
@@ -132,7 +132,7 @@ def test_label_stream_gives_the_targets_and_unscored_positions_become_pad(tmp_pa
     write_split(tmp_path / "labels", labels, vocab_size=FIRST_ID + 200)
     label_seq = TokenSequence(indexed_dataset.MMapIndexedDataset(str(tmp_path / "labels")))
     split = StreamSplit("train", tokens, PAD, labels=label_seq, ignore_index=ignore)
-    batches = StreamBatches(split, 2, 1, 0, 16, "md5")
+    batches = StreamBatches(split, 2, 1, 0, 16)
     scored = 0
     for k in range(len(batches)):
         sample = batches[k]
@@ -160,8 +160,12 @@ def data_bin(tmp_path_factory):
 
 def task_config(data, block=16, **options) -> LanguageModelingWithMemoryConfig:
     """The task's options as fairseq-train resolves them (the CLI tests run the real command line)."""
+    resolved = dict(
+        train_subset="train", valid_subset="valid", disable_validation=False, world_size=1, context_window=0
+    )
+    resolved.update(batch_size=None, batch_size_valid=None, dataset_impl=None)
     return LanguageModelingWithMemoryConfig(
-        data=str(data), tokens_per_sample=block, train_subset="train", dataset_impl=None, **options
+        data=str(data), tokens_per_sample=block, **{**resolved, **options}
     )
 
 
@@ -228,7 +232,7 @@ def test_colon_separated_data_directories_rotate_per_epoch(data_bin, tmp_path):
 
 
 def test_missing_split_is_named_with_the_fix(data_bin):
-    with pytest.raises(FileNotFoundError, match="split 'test' not found.*fairseq-preprocess --only-source"):
+    with pytest.raises(UsageError, match="split 'test' not found.*fairseq-preprocess --only-source"):
         loaded_task(data_bin, "test")
 
 
@@ -331,16 +335,22 @@ def test_resume_with_another_layout_is_explained(data_bin, change, named):
     assert next(iter(other.next_epoch_itr()))["net_input"]["reset_memory"]
 
 
-def test_resume_or_evaluation_with_another_dictionary_is_refused(data_bin):
-    task = loaded_task(data_bin, "train")
-    itr = task.get_batch_iterator(task.dataset("train"), max_sentences=3)
-    itr.next_epoch_itr()
-    saved = {**itr.state_dict(), "streams": {**itr.state_dict()["streams"], "dictionary_md5": "other"}}
-    with pytest.raises(ValueError, match="different dictionary.*--srcdict"):
-        task.get_batch_iterator(task.dataset("train"), max_sentences=3).load_state_dict(saved)
-    task.load_state_dict(task.state_dict())  # the same dictionary loads
-    with pytest.raises(ValueError, match="different dictionary.*--srcdict"):
-        task.load_state_dict({"dictionary_md5": "other"})
+def test_resume_with_stream_offsets_drawn_from_another_seed_is_refused(data_bin):
+    task = loaded_task(data_bin, "train", stream_offset=True)
+    starts = {
+        seed: task.get_batch_iterator(task.dataset("train"), 3, seed=seed).dataset.layout.start
+        for seed in (1, 2, 3)
+    }
+    other_seed = next(seed for seed in (2, 3) if starts[seed] != starts[1])
+    itr = task.get_batch_iterator(task.dataset("train"), max_sentences=3, seed=1)
+    next(itr.next_epoch_itr())
+    with pytest.raises(
+        ValueError,
+        match=f"cannot resume mid-epoch.*--seed: {starts[1]} in the checkpoint, {starts[other_seed]} now",
+    ):
+        task.get_batch_iterator(task.dataset("train"), max_sentences=3, seed=other_seed).load_state_dict(
+            itr.state_dict()
+        )
 
 
 def parsed_training_config(data, arch, *extra):
@@ -391,6 +401,27 @@ def test_loss_is_the_nll_plus_alpha_times_the_span_loss_per_stream_position(data
     assert (scored.sum() < positions / 10) if labelled else (scored.sum() == positions)
     assert float(loss) == pytest.approx(float(nll + 0.5 * extra["aux_loss"] * scored.sum() / positions))
     assert float(logging_output["nll_loss"]) == pytest.approx(float(nll))
+
+
+def test_weights_of_another_dictionary_of_the_same_size_or_block_length_are_refused(data_bin, tmp_path):
+    cfg = parsed_training_config(data_bin, "expire_span_lm_tiny")
+    trained = tasks.setup_task(cfg.task).build_model(cfg.model)
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    lines = (data_bin / "dict.txt").read_text().splitlines()
+    (shuffled / "dict.txt").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # same size, other ids
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
+        (shuffled / name).write_bytes((data_bin / name).read_bytes())
+    other_cfg = parsed_training_config(shuffled, "expire_span_lm_tiny")
+    other = tasks.setup_task(other_cfg.task).build_model(other_cfg.model)
+    with pytest.raises(UsageError, match="trained with a different dictionary.*--srcdict"):
+        other.load_state_dict(trained.state_dict())
+    longer_cfg = parsed_training_config(data_bin, "expire_span_lm_tiny", "--tokens-per-sample", "8")
+    longer = tasks.setup_task(longer_cfg.task).build_model(longer_cfg.model)
+    with pytest.raises(UsageError, match="--tokens-per-sample 8, but .* trained with --tokens-per-sample 16"):
+        longer.load_state_dict(trained.state_dict())
+    older = {k: v for k, v in trained.state_dict().items() if k != "decoder.dictionary_fingerprint"}
+    other.load_state_dict(older)  # a checkpoint from before the fingerprint cannot be checked, and loads
 
 
 def test_a_model_without_memory_is_refused(data_bin):

@@ -16,6 +16,8 @@ from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from fairseq_expire.errors import UsageError
+
 
 @dataclass
 class ExpireSpanCrossEntropyConfig(FairseqDataclass):
@@ -32,6 +34,10 @@ class ExpireSpanCrossEntropyConfig(FairseqDataclass):
 class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
     def __init__(self, task, expire_span_alpha: float = 0.0):
         super().__init__(task)
+        if not expire_span_alpha >= 0:
+            raise UsageError(
+                f"--expire-span-alpha {expire_span_alpha}: must be >= 0 (a negative span loss rewards long spans)"
+            )
         self.alpha = expire_span_alpha
 
     def forward(self, model, sample, reduce=True):

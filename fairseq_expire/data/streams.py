@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset, data_utils, iterators
 
+from fairseq_expire.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 
@@ -141,7 +143,6 @@ class StreamBatches(FairseqDataset):
         num_ranks: int,
         rank: int,
         block_size: int,
-        dictionary_md5: str,
         offset_seed: Optional[int] = None,
         epoch: int = 1,
         reset_every_block: bool = False,
@@ -153,7 +154,6 @@ class StreamBatches(FairseqDataset):
         self.num_ranks = num_ranks
         self.rank = rank
         self.block_size = block_size
-        self.dictionary_md5 = dictionary_md5
         self.offset_seed = offset_seed
         self.set_epoch(epoch)
 
@@ -208,7 +208,7 @@ class StreamBatches(FairseqDataset):
             "ranks": self.num_ranks,
             "tokens_per_sample": self.block_size,
             "stream_offset": self.offset_seed is not None,
-            "dictionary_md5": self.dictionary_md5,
+            "stream_start": self.layout.start,
         }
 
 
@@ -218,6 +218,7 @@ _OPTION_OF = {
     "ranks": "the data-parallel world size (number of processes)",
     "tokens_per_sample": "--tokens-per-sample",
     "stream_offset": "--stream-offset",
+    "stream_start": "the streams' start, drawn by --stream-offset from --seed",
 }
 
 
@@ -242,19 +243,13 @@ class StreamEpochBatchIterator(iterators.EpochBatchIterator):
 
     def _check_resume(self, saved: dict, epoch: int, position: int):
         now = self.dataset.describe()
-        if saved.get("dictionary_md5", now["dictionary_md5"]) != now["dictionary_md5"]:
-            raise ValueError(
-                "the checkpoint was trained with a different dictionary (dict.txt) than this data: token ids "
-                "would mean other symbols. Binarize the text with `fairseq-preprocess --only-source --srcdict "
-                "<dict.txt of the data the model was trained on>`, or train from scratch in a new --save-dir."
-            )
         changed = [
             f"{_OPTION_OF[key]}: {saved[key]} in the checkpoint, {now[key]} now"
             for key in _OPTION_OF
             if key in saved and saved[key] != now[key]
         ]
         if changed and position > 0:
-            raise ValueError(
+            raise UsageError(
                 f"cannot resume mid-epoch: the checkpoint stopped after batch {position} of epoch "
                 f"{epoch} with another stream layout ({'; '.join(changed)}), so its "
                 "position would point into different streams. Resume with the same settings, or pass "

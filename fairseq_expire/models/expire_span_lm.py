@@ -6,8 +6,9 @@ Both share one decoder; the only difference is the :class:`SpanRule` deciding ho
 memory that persists across forward calls, and the statistics the criterion logs.
 """
 
+import argparse
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
 import torch
@@ -25,6 +26,8 @@ from fairseq.models import (
 from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
 from omegaconf import II
 
+from fairseq_expire.data.streams import dictionary_fingerprint
+from fairseq_expire.errors import UsageError
 from fairseq_expire.modules.expire_span import (
     ExpireSpanAttention,
     LayerMemory,
@@ -99,6 +102,57 @@ class ExpireSpanLMConfig(FixedSpanLMConfig):
     )
 
 
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_model_options(cfg, learned_spans: bool) -> None:
+    """Refuse option values the model cannot train or evaluate with, before anything is built: one line each,
+    with the valid range (a ramp of 0 gives NaN gradients, a negative one inverts the mask, p = 0 or 1 has no
+    logit...)."""
+    at_least_one = ("an integer >= 1", lambda v: v >= 1)
+    probability = ("in [0, 1)", lambda v: 0 <= v < 1)
+    rules = {
+        "decoder_layers": at_least_one,
+        "decoder_embed_dim": at_least_one,
+        "decoder_ffn_embed_dim": at_least_one,
+        "decoder_attention_heads": at_least_one,
+        "dropout": probability,
+        "attention_dropout": probability,
+        "embedding_dropout": probability,
+        "adaptive_softmax_dropout": probability,
+        "max_span": at_least_one,
+    }
+    if learned_spans:
+        rules.update(
+            expire_span_ramp=at_least_one,
+            expire_span_init_percentage=(
+                "strictly between 0 and 1 (spans start at p * L)",
+                lambda v: 0 < v < 1,
+            ),
+            expire_span_pre_div=("> 0", lambda v: v > 0),
+        )
+    for name, (allowed, ok) in rules.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise UsageError(f"{_option(name)} {value}: must be {allowed}")
+    if cfg.inference_max_span is not None and cfg.inference_max_span < 1:
+        raise UsageError(
+            f"inference_max_span {cfg.inference_max_span}: the cap on spans at evaluation must be at least 1 "
+            "(leave it unset for no cap)"
+        )
+    if cfg.decoder_embed_dim % cfg.decoder_attention_heads:
+        raise UsageError(
+            f"--decoder-embed-dim {cfg.decoder_embed_dim} is not divisible by --decoder-attention-heads "
+            f"{cfg.decoder_attention_heads}: each head gets H / K dimensions"
+        )
+    if cfg.tokens_per_sample > cfg.max_span:
+        raise UsageError(
+            f"--tokens-per-sample {cfg.tokens_per_sample} is longer than --max-span {cfg.max_span}: a block must "
+            "fit in the span (the previous block is always attended). Use --max-span >= --tokens-per-sample."
+        )
+
+
 class ExpireSpanLayer(nn.Module):
     """Attention over [memory ; block] + feed-forward, post-norm (reference default) or pre-norm."""
 
@@ -153,19 +207,12 @@ class ExpireSpanDecoder(FairseqDecoder):
         super().__init__(dictionary)
         H = cfg.decoder_embed_dim
         self.block_size = cfg.tokens_per_sample
-        if self.block_size > cfg.max_span:
-            raise ValueError(
-                f"--tokens-per-sample {self.block_size} is longer than --max-span {cfg.max_span}: a block must fit "
-                "in the span (the previous block is always attended). Use --max-span >= --tokens-per-sample."
-            )
         self.rule = SpanRule(cfg.max_span, getattr(cfg, "expire_span_ramp", 0), learned_spans)
         self.noisy = learned_spans and cfg.expire_span_noisy
-        if cfg.inference_max_span is not None and cfg.inference_max_span < 1:
-            raise ValueError(
-                f"inference_max_span {cfg.inference_max_span}: the cap on spans at evaluation must be at least 1 "
-                "(leave it unset for no cap)"
-            )
         self.inference_max_span = cfg.inference_max_span
+        # saved with the weights, so that every path that loads them can refuse another vocabulary of the same size
+        fingerprint = bytes.fromhex(dictionary_fingerprint(dictionary))
+        self.register_buffer("dictionary_fingerprint", torch.tensor(list(fingerprint), dtype=torch.long))
         pad = dictionary.pad()
         if cfg.adaptive_input:
             self.embed_tokens = AdaptiveInput(
@@ -206,6 +253,25 @@ class ExpireSpanDecoder(FairseqDecoder):
         # weights do not change). False gives the plain path, which recomputes them as training does.
         self.cache_projections_in_eval = True
 
+    def check_weights(self, state_dict, prefix: str = "decoder.") -> None:
+        """Refuse weights trained on another dictionary or block length, naming what differs (fairseq would say
+        only "architectures match", or nothing at all for a dictionary of the same size)."""
+        table = state_dict.get(prefix + "positions.weight")
+        if table is not None and table.size(-1) != self.block_size:
+            raise UsageError(
+                f"--tokens-per-sample {self.block_size}, but the checkpoint's model was trained with "
+                f"--tokens-per-sample {table.size(-1)} (its relative-position table covers one block): use "
+                f"--tokens-per-sample {table.size(-1)}"
+            )
+        # checkpoints written before the fingerprint was saved cannot be checked
+        saved = state_dict.setdefault(prefix + "dictionary_fingerprint", self.dictionary_fingerprint)
+        if not torch.equal(saved.cpu(), self.dictionary_fingerprint.cpu()):
+            raise UsageError(
+                "the checkpoint's model was trained with a different dictionary than this data's dict.txt: token "
+                "ids would mean other symbols. Use data binarized with the training data's dict.txt "
+                "(`fairseq-preprocess --only-source --srcdict TRAINING_DATA/dict.txt ...`)"
+            )
+
     def reset_memory(self):
         """Forget everything, in training and evaluation mode alike."""
         self._memory.clear()
@@ -244,7 +310,7 @@ class ExpireSpanDecoder(FairseqDecoder):
     def extract_features(self, src_tokens, reset_memory: bool = False, **unused):
         B, M = src_tokens.shape
         if M != self.block_size:
-            raise ValueError(
+            raise UsageError(
                 f"block of {M} tokens, but the model was built for --tokens-per-sample {self.block_size}: "
                 "use the block length the model was trained with"
             )
@@ -303,8 +369,28 @@ class FixedSpanLanguageModel(FairseqLanguageModel):
     learned_spans = False
 
     @classmethod
+    def add_args(cls, parser):
+        """fairseq's options from the config, and ``--no-X`` for every on/off option ``--X``, so that what a preset
+        turns on can be turned off on the command line."""
+        super().add_args(parser)
+        for option in fields(getattr(cls, "__dataclass")):
+            if option.type is bool:
+                parser.add_argument(
+                    _option("no_" + option.name),
+                    dest=option.name,
+                    action="store_false",
+                    default=argparse.SUPPRESS,
+                    help=f"turn {_option(option.name)} off (where a preset turns it on)",
+                )
+
+    @classmethod
     def build_model(cls, cfg, task):
+        check_model_options(cfg, cls.learned_spans)
         return cls(ExpireSpanDecoder(cfg, task.target_dictionary, learned_spans=cls.learned_spans))
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        self.decoder.check_weights(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
 
     def reset_memory(self):
         self.decoder.reset_memory()
@@ -339,9 +425,10 @@ def _guard(arch):
 
 
 def _set_defaults(args, **defaults):
-    """Fill what the command line left unset (None, or False for on/off flags, which have no "off" switch)."""
+    """Fill what the command line left unset: every value typed wins, 0 and ``--no-X`` included (the model's
+    options are absent from the parsed command line unless typed)."""
     for name, value in defaults.items():
-        if getattr(args, name, None) in (None, False):
+        if getattr(args, name, None) is None:
             setattr(args, name, value)
 
 

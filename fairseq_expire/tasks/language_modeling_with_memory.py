@@ -16,6 +16,7 @@ from fairseq import utils
 from fairseq.data import Dictionary, data_utils
 from fairseq.data.indexed_dataset import get_available_dataset_impl
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
@@ -26,6 +27,7 @@ from fairseq_expire.data.streams import (
     TokenSequence,
     dictionary_fingerprint,
 )
+from fairseq_expire.errors import UsageError
 from fairseq_expire.usage import TASK, check_training_command
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,24 @@ class LanguageModelingWithMemoryConfig(FairseqDataclass):
         },
     )
     train_subset: str = II("dataset.train_subset")
+    valid_subset: str = II("dataset.valid_subset")
+    disable_validation: bool = II("dataset.disable_validation")
+    batch_size: Optional[int] = II("dataset.batch_size")
+    batch_size_valid: Optional[int] = II("dataset.batch_size_valid")
+    world_size: int = II("distributed_training.distributed_world_size")
+    context_window: int = II("eval_lm.context_window")
     dataset_impl: Optional[ChoiceEnum(get_available_dataset_impl())] = II("dataset.dataset_impl")
+
+
+def _refuse_context_window(context_window) -> None:
+    """fairseq-eval-lm's --context-window re-reads overlapping blocks; here the memory already carries the past
+    (and eval-lm shortens the block by the window, which the model would refuse less clearly)."""
+    if isinstance(context_window, int) and context_window > 0:
+        raise UsageError(
+            "--context-window does not apply to language_modeling_with_memory: the model carries its memory "
+            "from block to block, so every token already sees the past up to the model's span. Leave out "
+            "--context-window (and use the --tokens-per-sample the model was trained with)."
+        )
 
 
 @register_task(TASK, dataclass=LanguageModelingWithMemoryConfig)
@@ -81,9 +100,14 @@ class LanguageModelingWithMemoryTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: LanguageModelingWithMemoryConfig, **kwargs):
+        for name in ("tokens_per_sample", "batch_size", "batch_size_valid"):
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and value < 1:  # None: not given (the batch size is checked when used)
+                raise UsageError(f"--{name.replace('_', '-')} {value}: must be an integer >= 1")
+        _refuse_context_window(getattr(cfg, "context_window", 0))
         path = os.path.join(utils.split_paths(cfg.data)[0], "dict.txt")
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise UsageError(
                 f"{path} not found: the data directory must be made by `fairseq-preprocess --only-source "
                 f"--trainpref TEXT --validpref TEXT --destdir {cfg.data}`"
             )
@@ -93,21 +117,42 @@ class LanguageModelingWithMemoryTask(FairseqTask):
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
         paths = utils.split_paths(self.cfg.data)
-        data_path = paths[(epoch - 1) % len(paths)]
+        self.datasets[split] = self._read_split(split, paths[(epoch - 1) % len(paths)], combine)
+        logger.info(
+            f"{split}: {len(self.datasets[split]):,} tokens"
+            + (" with labels" if self.datasets[split].labelled else "")
+        )
+
+    def _check_training_data(self):
+        """Read every split and shard the run will use and check that its streams fit, before the model is built:
+        otherwise a bad shard or a too large --batch-size is found only when first used, perhaps after an epoch
+        with nothing saved."""
+        paths = utils.split_paths(self.cfg.data)
+        uses = [(path, self.cfg.train_subset, True, self.cfg.batch_size) for path in paths]
+        if not self.cfg.disable_validation:
+            streams = self.cfg.batch_size_valid or self.cfg.batch_size
+            uses += [(paths[0], split, False, streams) for split in self.cfg.valid_subset.split(",")]
+        for data_path, split, training, streams_per_rank in uses:
+            dataset = self._read_split(split, data_path, combine=training)
+            if streams_per_rank is not None:
+                offset = training and self.cfg.stream_offset
+                self._check_streams(dataset, streams_per_rank, self.cfg.world_size, offset)
+
+    def _read_split(self, split: str, data_path: str, combine: bool = False) -> StreamSplit:
         self._check_shard_dictionary(data_path)
         split_path = os.path.join(data_path, split)
         lines = data_utils.load_indexed_dataset(
             split_path, self.dictionary, self.cfg.dataset_impl, combine=combine
         )
         if lines is None:
-            raise FileNotFoundError(
+            raise UsageError(
                 f"split '{split}' not found: no {split_path}.bin/.idx. Binarize it into {data_path} with "
                 f"`fairseq-preprocess --only-source --srcdict {os.path.join(data_path, 'dict.txt')} ...`, or "
                 "name an existing split (--valid-subset, --gen-subset; --disable-validation to train without one)"
             )
         tokens = TokenSequence(lines)
         if len(tokens) <= self.cfg.tokens_per_sample:
-            raise ValueError(
+            raise UsageError(
                 f"--tokens-per-sample {self.cfg.tokens_per_sample} is larger than the split '{split}' "
                 f"({len(tokens)} tokens in {split_path}): a block needs M + 1 tokens. Use a smaller "
                 "--tokens-per-sample or more data."
@@ -115,10 +160,9 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         labels = data_utils.load_indexed_dataset(
             split_path + ".labels", self.dictionary, self.cfg.dataset_impl, combine=combine
         )
-        self.datasets[split] = StreamSplit(
+        return StreamSplit(
             split, tokens, self.dictionary.pad(), *self._label_stream(labels, lines, split_path)
         )
-        logger.info(f"{split}: {len(tokens):,} tokens" + (" with labels" if labels is not None else ""))
 
     def dataset(self, split: str) -> StreamSplit:
         """The split's tokens; :meth:`get_batch_iterator` makes the batches (they depend on ranks and epoch)."""
@@ -131,7 +175,7 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         path = os.path.join(data_path, "dict.txt")
         if os.path.isfile(path) and dictionary_fingerprint(Dictionary.load(path)) != self.dictionary_md5:
             first = os.path.join(utils.split_paths(self.cfg.data)[0], "dict.txt")
-            raise ValueError(
+            raise UsageError(
                 f"{path} differs from {first}: binarize every shard with the same dictionary "
                 f"(`fairseq-preprocess --only-source --srcdict {first} ...`)"
             )
@@ -141,14 +185,14 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         if labels is None:
             return None, None
         if len(labels.sizes) != len(lines.sizes) or (labels.sizes != lines.sizes).any():
-            raise ValueError(
+            raise UsageError(
                 f"{split_path}.labels has {int(labels.sizes.sum())} labels in {len(labels.sizes)} lines but the "
                 f"split has {int(lines.sizes.sum())} tokens in {len(lines.sizes)} lines: a label stream needs one "
                 "label per token, line by line"
             )
         ignore_index = self.dictionary.index(self.cfg.ignore_label)
         if ignore_index == self.dictionary.unk() and self.cfg.ignore_label != self.dictionary.unk_word:
-            raise ValueError(
+            raise UsageError(
                 f"--ignore-label '{self.cfg.ignore_label}' is not in the dictionary: labelled data must have its "
                 "ignore symbol in dict.txt (or pass the --ignore-label the data uses)"
             )
@@ -188,25 +232,14 @@ class LanguageModelingWithMemoryTask(FairseqTask):
     def _stream_iterator(
         self, split: StreamSplit, streams_per_rank, num_ranks, rank, epoch, offset_seed, **iterator_options
     ):
-        if streams_per_rank is None:
-            raise ValueError(
-                "--batch-size is required: it is the number of streams per process (--max-tokens does not apply)"
-            )
+        self._check_streams(split, streams_per_rank, num_ranks, offset_seed is not None)
         streams = streams_per_rank * num_ranks
-        usable = len(split) - (self.cfg.tokens_per_sample - 1 if offset_seed is not None else 0)
-        if usable < 2 * streams:
-            raise ValueError(
-                f"--batch-size {streams_per_rank} x {num_ranks} processes = {streams} streams over the "
-                f"{usable} usable tokens of split '{split.name}': streams would be empty. Use at most "
-                f"--batch-size {max(usable // (2 * num_ranks), 1)} (better: streams of many blocks)."
-            )
         batches = StreamBatches(
             split,
             streams_per_rank,
             num_ranks,
             rank,
             self.cfg.tokens_per_sample,
-            self.dictionary_md5,
             offset_seed=offset_seed,
             epoch=epoch,
             reset_every_block=self.cfg.reset_memory_every_block,
@@ -231,6 +264,20 @@ class LanguageModelingWithMemoryTask(FairseqTask):
             **iterator_options,
         )
 
+    def _check_streams(self, split: StreamSplit, streams_per_rank, num_ranks: int, offset: bool):
+        if streams_per_rank is None:
+            raise UsageError(
+                "--batch-size is required: it is the number of streams per process (--max-tokens does not apply)"
+            )
+        streams = streams_per_rank * num_ranks
+        usable = len(split) - (self.cfg.tokens_per_sample - 1 if offset else 0)
+        if usable < 2 * streams:
+            raise UsageError(
+                f"--batch-size {streams_per_rank} x {num_ranks} processes = {streams} streams over the "
+                f"{usable} usable tokens of split '{split.name}': streams would be empty. Use at most "
+                f"--batch-size {max(usable // (2 * num_ranks), 1)} (better: streams of many blocks)."
+            )
+
     def eval_lm_dataloader(
         self,
         dataset: StreamSplit,
@@ -245,14 +292,9 @@ class LanguageModelingWithMemoryTask(FairseqTask):
     ):
         """``fairseq-eval-lm``: ``--batch-size`` streams, scored from a cold memory, every token but the
         streams' first."""
-        if context_window > 0:
-            raise ValueError(
-                "--context-window does not apply to language_modeling_with_memory: the model carries its memory "
-                "from block to block, so every token already sees the past up to the model's span. Leave out "
-                "--context-window (and use the --tokens-per-sample the model was trained with)."
-            )
+        _refuse_context_window(context_window)
         if dataset.labelled:
-            raise ValueError(
+            raise UsageError(
                 f"split '{dataset.name}' has a label stream: fairseq-eval-lm scores every next token and cannot "
                 "score labels. The acc/err of labelled data are logged by validation (fairseq-train's valid "
                 "records, or fairseq-validate)."
@@ -269,12 +311,22 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         ).next_epoch_itr(shuffle=False)
 
     def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
+        """Refuse a model without memory, and in training every split and shard that would fail later, before the
+        model is built; a checkpoint's model must use this task's block length."""
         self.arch = getattr(cfg, "_name", None)
-        if not callable(getattr(model, "reset_memory", None)):
-            raise ValueError(
+        if not callable(getattr(ARCH_MODEL_REGISTRY.get(self.arch), "reset_memory", None)):
+            raise UsageError(
                 f"--task {TASK} feeds consecutive blocks of the same streams and needs a model that carries "
                 f"memory across them (--arch expire_span_lm... or fixed_span_lm...), not --arch {self.arch}"
+            )
+        if not from_checkpoint:
+            self._check_training_data()
+        model = super().build_model(cfg, from_checkpoint)
+        if model.decoder.block_size != self.cfg.tokens_per_sample:
+            raise UsageError(
+                f"--tokens-per-sample {self.cfg.tokens_per_sample}, but the checkpoint's model was trained with "
+                f"--tokens-per-sample {model.decoder.block_size} (its relative-position table covers one block): "
+                f"use --tokens-per-sample {model.decoder.block_size}"
             )
         return model
 
@@ -286,19 +338,6 @@ class LanguageModelingWithMemoryTask(FairseqTask):
             )
         )
         return super().build_criterion(cfg, **kwargs)
-
-    def state_dict(self):
-        """Saved in checkpoints: the dictionary, so that evaluating on data binarized with another is refused."""
-        return {"dictionary_md5": self.dictionary_md5}
-
-    def load_state_dict(self, state_dict):
-        saved = state_dict.get("dictionary_md5")
-        if saved is not None and saved != self.dictionary_md5:
-            raise ValueError(
-                f"the checkpoint's model was trained with a different dictionary than {self.cfg.data}/dict.txt: "
-                "token ids would mean other symbols. Use data binarized with the training data's dict.txt "
-                "(`fairseq-preprocess --only-source --srcdict TRAINING_DATA/dict.txt ...`)."
-            )
 
     def max_positions(self):
         return None  # streams have any length; the block length is --tokens-per-sample
