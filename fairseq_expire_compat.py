@@ -315,6 +315,34 @@ def _fix_distributed_utils(module):
         module.distributed_main = _distributed_main_then_destroy_group
 
 
+# --- a resume at --max-update trains one update more ----------------------------------------------------------------
+# fairseq's epoch loop checks ``num_updates >= max_update`` only after an update. A job killed (or preempted and
+# requeued) after its final save resumes at the target and trains to target + 1, saving over the final checkpoint.
+
+
+def _stop_at_max_update(module):
+    original = module.train
+    if getattr(original, "_fairseq_expire_compat", False):
+        return
+
+    def train(cfg, trainer, task, epoch_itr):
+        max_update = cfg.optimization.max_update
+        if max_update and trainer.get_num_updates() >= max_update:
+            logging.getLogger("fairseq_cli.train").info(
+                f"the checkpoint is at update {trainer.get_num_updates()}, --max-update {max_update}: nothing to train"
+            )
+            return [None], True
+        return original(cfg, trainer, task, epoch_itr)
+
+    train._fairseq_expire_compat = True
+    module.train = train
+
+
+def _fix_train(module):
+    _stop_at_max_update(module)
+    _one_line_usage_errors(module)
+
+
 _POST_IMPORT_FIXES = {
     "fairseq.checkpoint_utils": _fix_checkpoint_utils,
     "fairseq.dataclass.utils": _name_the_task_a_model_does_not_fit,
@@ -322,8 +350,9 @@ _POST_IMPORT_FIXES = {
     "fairseq.utils": _explain_missing_user_dir,
     **{
         f"fairseq_cli.{name}": _one_line_usage_errors
-        for name in ("train", "eval_lm", "validate", "generate", "interactive")
+        for name in ("eval_lm", "validate", "generate", "interactive")
     },
+    "fairseq_cli.train": _fix_train,
 }
 
 

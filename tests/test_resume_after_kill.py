@@ -62,6 +62,15 @@ def test_a_torn_last_checkpoint_resumes_from_the_newest_intact_one(data_bin, tmp
     assert saved_updates(last) == 16
 
 
+def test_a_run_resumed_at_its_max_update_trains_no_further(data_bin, tmp_path):
+    """A job killed after its final save, then requeued: fairseq alone would train (and save) update N + 1."""
+    save = tmp_path / "save"
+    run("fairseq-train", *train_command(data_bin, save, "--save-interval-updates", 4, updates=8))
+    again = run("fairseq-train", *train_command(data_bin, save, "--save-interval-updates", 4, updates=8))
+    assert "the checkpoint is at update 8, --max-update 8: nothing to train" in again.stdout + again.stderr
+    assert saved_updates(save / "checkpoint_last.pt") == 8
+
+
 @pytest.mark.slow
 def test_training_killed_at_random_moments_resumes_every_time_and_finishes(data_bin, tmp_path):
     """Ten SIGKILLs at random moments of a run that saves after every update, then the same command finishes."""
