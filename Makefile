@@ -1,5 +1,5 @@
 # make install: .venv with the plugin and its test/viz extras (quick when nothing changed)
-# make test:    the whole test suite        make demo: prepare a corpus, train, evaluate (CPU, a few minutes)
+# make test:    formatting check, then the whole test suite    make demo: prepare a corpus, train, evaluate (CPU, a few minutes)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,7 +23,11 @@ $(STAMP): $(SOURCES)
 	$(PY) -m pip install -q ".[test,viz]"
 	$(PY) -c "import fairseq, fairseq_expire_compat" && touch $@
 
+FORMATTED := fairseq_expire fairseq_expire_compat.py scripts tests setup.py
+
 test: install
+	$(PY) -m black --check -q $(FORMATTED) || { echo "not formatted: run make format"; exit 1; }
+	$(PY) -m isort --check-only -q $(FORMATTED) || { echo "imports not sorted: run make format"; exit 1; }
 	$(PY) -m pytest -q tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; rc=1; fi; exit $$rc
 
@@ -31,8 +35,8 @@ demo: install
 	$(PY) scripts/demo.py
 
 format: install
-	$(PY) -m black fairseq_expire fairseq_expire_compat.py scripts tests setup.py
-	$(PY) -m isort fairseq_expire fairseq_expire_compat.py scripts tests setup.py
+	$(PY) -m black $(FORMATTED)
+	$(PY) -m isort $(FORMATTED)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
