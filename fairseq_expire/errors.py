@@ -1,9 +1,36 @@
-"""The plugin's error for bad input: the option to change and how, printed by the console scripts as one line.
+"""The plugin's one error for bad input, and how every command line turns it into one line.
 
-Defined in :mod:`fairseq_expire_compat`, whose console-script fix prints it (``error: ...``, exit status 1), also
-when fairseq wrapped it into an error of its own; raise it for anything a user can fix on the command line.
+:class:`UsageError` names the option to change and how. It is defined in :mod:`fairseq_expire_compat`, whose
+console-script fix prints it for fairseq's own commands (``error: ...``, exit status 1), also when fairseq wrapped
+it into an error of its own. The project's scripts print it with :func:`exit_on_usage_error`. The errors of the
+data, launch and analysis tools are subclasses, so one ``except UsageError`` serves them all.
 """
+
+import logging
+import sys
+from typing import Callable, TypeVar
 
 from fairseq_expire_compat import UsageError
 
-__all__ = ["UsageError"]
+__all__ = ["UsageError", "exit_on_usage_error", "setup_logging"]
+
+T = TypeVar("T")
+LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq's
+
+
+def setup_logging() -> None:
+    """fairseq's log format on stdout, for the scripts (importing fairseq configured logging already)."""
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO, stream=sys.stdout, force=True)
+
+
+def exit_on_usage_error(prog: str, run: Callable[[], T]) -> T:
+    """``run()``; a :class:`UsageError` ends the process with ``PROG: error: ...`` and exit status 2 (argparse's
+    status for bad usage), an interrupt with one line saying that the same command continues."""
+    try:
+        return run()
+    except UsageError as error:
+        sys.stderr.write(f"{prog}: error: {error}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted; run the same command again to continue\n")
+        sys.exit(130)

@@ -50,7 +50,7 @@ def test_binaries_are_the_raw_text_and_labels_line_up(tmp_path):
     out = generate(tmp_path, "instruction")
     dictionary = Dictionary.load(str(out / "dict.txt"))
     assert "_" in dictionary.symbols and dictionary.unk_word not in dictionary.symbols[dictionary.nspecial :]
-    metadata = json.loads((out / "generation.json").read_text())
+    metadata = json.loads((out / "prepare.json").read_text())
     for split in ("train", "valid", "test"):
         tokens, labels = read_split(out, split)
         text = (out / "raw" / f"{split}.txt").read_text().split("\n")[:-1]
@@ -98,7 +98,8 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, task):
     files = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
     assert {"dict.txt", "train.bin", "train.labels.idx", "raw/test.labels.txt"} <= {str(f) for f in files}
     assert files == sorted(path.relative_to(again) for path in again.rglob("*") if path.is_file())
-    assert all((first / f).read_bytes() == (again / f).read_bytes() for f in files)
+    made_when = {"prepare.json", "README.md"}  # the record of the run: its time and duration
+    assert all((first / f).read_bytes() == (again / f).read_bytes() for f in files if str(f) not in made_when)
     assert (first / "dict.txt").read_text().split()[::2] == (other / "dict.txt").read_text().split()[::2]
     for split in ("train", "valid", "test"):
         assert (first / f"{split}.bin").read_bytes() != (other / f"{split}.bin").read_bytes()
@@ -120,7 +121,7 @@ def test_a_few_hundred_thousand_corridor_tokens_take_a_moment(tmp_path):
     started = time.perf_counter()
     out = generate(tmp_path, "corridor", {"min_length": 3, "max_length": 200}, sizes=(300000, 30000, 30000))
     assert time.perf_counter() - started < 10
-    assert json.loads((out / "generation.json").read_text())["splits"]["train"]["tokens"] > 299000
+    assert json.loads((out / "prepare.json").read_text())["splits"]["train"]["tokens"] > 299000
 
 
 def cli_error(capsys, *argv):
@@ -149,15 +150,29 @@ def test_bad_requests_stop_with_a_clear_message_and_write_nothing(tmp_path, caps
 
     existing = generate(tmp_path, "corridor")
     before = {p: p.read_bytes() for p in existing.rglob("*") if p.is_file()}
-    assert f"{existing} already exists" in cli_error(capsys, "corridor", "--out", existing)
+    error = cli_error(capsys, "corridor", "--out", existing)
+    assert f"{existing} holds data prepared with other options (max_length: 30 there, 200 now" in error
+    assert "pass --force to replace it" in error
     # all refuses before writing any task
-    assert f"{existing} already exists" in cli_error(capsys, "all", "--out", tmp_path)
+    assert f"{existing} holds data prepared with other options" in cli_error(capsys, "all", "--out", tmp_path)
     assert before == {p: p.read_bytes() for p in existing.rglob("*") if p.is_file()}
     assert [p.name for p in tmp_path.iterdir()] == ["corridor"]
 
 
+def test_the_same_request_again_does_nothing_and_force_replaces_other_options(tmp_path, capsys):
+    out = generate(tmp_path, "corridor")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    generate(tmp_path, "corridor")
+    assert before == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    sizes = ["--train-tokens", 20000, "--valid-tokens", 5000, "--test-tokens", 5000]
+    main([str(a) for a in ["corridor", "--out", out, "--max-length", 20, *sizes, "--force"]])
+    record = json.loads((out / "prepare.json").read_text())
+    assert record["dataset"] == "corridor" and record["recipe"]["max_length"] == 20
+    assert record["ignore_label"] == "_" and list(tmp_path.iterdir()) == [out]
+
+
 @pytest.mark.slow
-def test_the_script_generates_every_task_and_refuses_an_existing_output(tmp_path):
+def test_the_script_generates_every_task_and_refuses_to_overwrite_other_options(tmp_path):
     script = [sys.executable, str(REPO / "scripts" / "generate_synthetic.py")]
     sizes = ["--train-tokens", "60000", "--valid-tokens", "20000", "--test-tokens", "20000"]
     result = subprocess.run(
@@ -169,4 +184,4 @@ def test_the_script_generates_every_task_and_refuses_an_existing_output(tmp_path
     again = subprocess.run(
         [*script, "corridor", "--out", str(tmp_path / "corridor")], env=ENV, capture_output=True, text=True
     )
-    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert again.returncode == 2 and "other options" in again.stderr and "Traceback" not in again.stderr

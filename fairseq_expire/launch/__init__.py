@@ -4,6 +4,8 @@ array (``scripts/sweep.py``), with fairseq's distributed arguments set for every
 Nothing here is imported by ``--user-dir fairseq_expire``; the scripts import it.
 """
 
+from fairseq_expire.errors import UsageError
 
-class LaunchError(Exception):
+
+class LaunchError(UsageError):
     """Bad input or an unusable cluster, found before anything was submitted; the message says how to fix it."""

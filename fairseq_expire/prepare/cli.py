@@ -1,14 +1,13 @@
-"""The command lines of ``scripts/prepare_*.py``: options from a preparer's config dataclass, clean errors."""
+"""The command lines of ``scripts/prepare_*.py``: options from a preparer's config dataclass, one-line errors."""
 
 import argparse
 import dataclasses
-import logging
 import sys
 import typing
 from pathlib import Path
 from typing import Callable, List, Optional
 
-from .output import PrepareError
+from fairseq_expire.errors import exit_on_usage_error, setup_logging
 
 
 def _option_type(annotation):
@@ -50,20 +49,9 @@ def build_parser(config_class, prog: str, description: str) -> argparse.Argument
 
 
 def main(prepare: Callable, config_class, description: str, argv: Optional[List[str]] = None):
-    """Parse the options into ``config_class``, run ``prepare(config)``, and turn a :class:`PrepareError` into
-    ``error: ...`` and exit status 2."""
+    """Parse the options into ``config_class`` and run ``prepare(config)`` (bad input: one line, exit status 2)."""
     parser = build_parser(config_class, Path(sys.argv[0]).name, description)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        level=logging.INFO,
-        stream=sys.stdout,
-        force=True,  # importing fairseq configured logging already
-    )
+    setup_logging()
     config = config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
-    try:
-        return prepare(config)
-    except PrepareError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; run the same command again to continue\n")
+    return exit_on_usage_error(parser.prog, lambda: prepare(config))

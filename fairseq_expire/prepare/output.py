@@ -1,4 +1,4 @@
-"""A prepared data directory, written so that a failed or interrupted run never leaves one that looks finished.
+"""A data directory as every preparer and synthetic generator writes it: never one that looks finished and is not.
 
 Everything is written into a temporary sibling directory; ``prepare.json`` (the record of how the data was made)
 is written last and the directory is then renamed into place. A later run with the same recipe (the options that
@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from fairseq.data import Dictionary, indexed_dataset
 
+from fairseq_expire.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 RECORD = "prepare.json"
@@ -32,7 +34,7 @@ SPLITS = ("train", "valid", "test")
 ITEM_TOKENS = 2048
 
 
-class PrepareError(Exception):
+class PrepareError(UsageError):
     """Input or output that cannot give a correct data directory; the message names the problem and the fix."""
 
 

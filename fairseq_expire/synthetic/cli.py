@@ -2,14 +2,13 @@
 
 import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .common import GENERATORS, SPLITS, SyntheticDataError, check_new_output, check_sizes, generate_dataset
+from fairseq_expire.errors import exit_on_usage_error, setup_logging
 
-logger = logging.getLogger("generate_synthetic")
+from .common import GENERATORS, SPLITS, check_sizes, data_directory, generate_dataset
 
 DEFAULT_TOKENS = {"train": 1_000_000, "valid": 100_000, "test": 100_000}
 
@@ -39,6 +38,11 @@ def add_common_options(parser: argparse.ArgumentParser, out_help: str):
         action="store_true",
         help="skip the human-readable OUT/raw/{split}.txt and {split}.labels.txt (training needs only the binaries)",
     )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an output made with other options (the same request again does nothing without it)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=sys.modules[generator.__module__].__doc__,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        add_common_options(sub, "the data-bin directory to create (it must not exist)")
+        add_common_options(sub, "the data-bin directory to write")
         for option in dataclasses.fields(generator.config_class):
             sub.add_argument(
                 f"--{option.name.replace('_', '-')}",
@@ -71,29 +75,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None):
-    logging.basicConfig(
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO, stream=sys.stdout
-    )
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging()
+    exit_on_usage_error(parser.prog, lambda: generate(args))
+
+
+def generate(args: argparse.Namespace):
     sizes = {split: getattr(args, f"{split}_tokens") for split in SPLITS}
-    try:
-        if args.task == "all":
-            jobs = [
-                (GENERATORS[name](GENERATORS[name].config_class()), args.out / name) for name in GENERATORS
-            ]
-        else:
-            generator = GENERATORS[args.task]
-            options = {f.name: getattr(args, f.name) for f in dataclasses.fields(generator.config_class)}
-            jobs = [(generator(generator.config_class(**options)), args.out)]
-        for task, out in jobs:  # refuse before writing anything
-            check_new_output(out)
-            check_sizes(task, sizes)
-        for task, out in jobs:
-            generate_dataset(task, out, sizes, args.seed, raw_text=not args.no_raw_text)
-            logger.info(
-                f"wrote {out}: train with fairseq-train {out} --user-dir fairseq_expire "
-                "--task language_modeling_with_memory --criterion expire_span_cross_entropy ..."
-            )
-    except SyntheticDataError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    if args.task == "all":
+        tasks = [(GENERATORS[name](GENERATORS[name].config_class()), args.out / name) for name in GENERATORS]
+    else:
+        generator = GENERATORS[args.task]
+        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(generator.config_class)}
+        tasks = [(generator(generator.config_class(**options)), args.out)]
+    raw_text = not args.no_raw_text
+    for task, out in tasks:  # refuse before writing anything
+        check_sizes(task, sizes)
+        data_directory(task, out, sizes, args.seed, raw_text, args.force).finished()
+    for task, out in tasks:
+        generate_dataset(task, out, sizes, args.seed, raw_text, args.force)

@@ -11,31 +11,26 @@ would put tokens in the stream that are not part of the task).
 """
 
 import dataclasses
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Type
 
 import numpy as np
-import torch
-from fairseq.data import Dictionary, indexed_dataset
+from fairseq.data import Dictionary
+
+from fairseq_expire.errors import UsageError
+from fairseq_expire.prepare.output import SPLITS, DataDirectory, SplitWriter
 
 logger = logging.getLogger(__name__)
 
 IGNORE = "_"
-SPLITS = ("train", "valid", "test")
-# Largest binary item: the task reads whole items, so a few thousand tokens keep block reads cheap.
-ITEM_TOKENS = 2048
 # Units are generated in chunks of about this many tokens, which bounds memory on paper-sized splits.
 CHUNK_TOKENS = 1 << 20
 
 
-class SyntheticDataError(ValueError):
+class SyntheticDataError(UsageError):
     """A request that cannot give a usable dataset (bad option, impossible size, existing output)."""
 
 
@@ -169,8 +164,8 @@ class TextRenderer:
         return text.tobytes()
 
 
-class SplitWriter:
-    """Writes one split as it is generated: binary tokens and labels, and optionally their raw text."""
+class LabelledSplitWriter:
+    """One split as it is generated: the tokens and the labels (two binary streams) and optionally their raw text."""
 
     def __init__(
         self,
@@ -181,40 +176,36 @@ class SplitWriter:
         text: Optional[TextRenderer],
     ):
         self.ids = vocab_ids(dictionary, vocab)
+        self.streams = {
+            "tokens": SplitWriter(directory / split, dictionary),
+            "labels": SplitWriter(directory / f"{split}.labels", dictionary),
+        }
         self.text = text
-        self.builders = {}
         self.text_files = {}
-        self.paths = {}
-        for stream in ("tokens", "labels"):
-            prefix = directory / (split if stream == "tokens" else f"{split}.labels")
-            self.paths[stream] = prefix
-            self.builders[stream] = indexed_dataset.make_builder(
-                str(prefix) + ".bin", impl="mmap", vocab_size=len(dictionary)
-            )
-            if text is not None:
-                raw = directory / "raw" / (f"{split}.txt" if stream == "tokens" else f"{split}.labels.txt")
-                self.text_files[stream] = open(raw, "wb")
-        self.counts = np.zeros(len(vocab), dtype=np.int64)
-        self.num_tokens = 0
+        if text is not None:
+            self.text_files = {
+                "tokens": open(directory / "raw" / f"{split}.txt", "wb"),
+                "labels": open(directory / "raw" / f"{split}.labels.txt", "wb"),
+            }
         self.num_lines = 0
         self.scored = 0
         self.ignore = vocab.ignore
 
+    @property
+    def num_tokens(self) -> int:
+        return self.streams["tokens"].tokens
+
     def write(self, chunk: Chunk):
         for stream, symbols in (("tokens", chunk.tokens), ("labels", chunk.labels)):
-            ids = torch.from_numpy(self.ids[symbols])
-            for start in range(0, len(ids), ITEM_TOKENS):
-                self.builders[stream].add_item(ids[start : start + ITEM_TOKENS])
+            self.streams[stream].write(self.ids[symbols])
             if stream in self.text_files:
                 self.text_files[stream].write(self.text.render(symbols, chunk.line_lengths))
-        self.counts += np.bincount(chunk.tokens, minlength=len(self.counts))
-        self.num_tokens += len(chunk.tokens)
         self.num_lines += len(chunk.line_lengths)
         self.scored += int((chunk.labels != self.ignore).sum())
 
     def close(self):
-        for stream, builder in self.builders.items():
-            builder.finalize(str(self.paths[stream]) + ".idx")
+        for writer in self.streams.values():
+            writer.close()
         for handle in self.text_files.values():
             handle.close()
 
@@ -247,38 +238,53 @@ def check_sizes(task: SyntheticTask, sizes: Dict[str, int]):
             )
 
 
-def check_new_output(out: Path):
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SyntheticDataError(
-            f"{out} already exists: remove it or choose another --out (nothing was written)"
-        )
+def data_directory(
+    task: SyntheticTask,
+    out: Path,
+    sizes: Dict[str, int],
+    seed: int,
+    raw_text: bool = True,
+    force: bool = False,
+) -> DataDirectory:
+    """The output of one generation; its recipe is everything that decides the bytes, option by option."""
+    recipe = {
+        **dataclasses.asdict(task.config),
+        **{f"{split}_tokens": size for split, size in sizes.items()},
+        "seed": seed,
+        "raw_text": raw_text,
+    }
+    return DataDirectory(Path(out), task.name, recipe, force=force)
 
 
 def generate_dataset(
-    task: SyntheticTask, out: Path, sizes: Dict[str, int], seed: int, raw_text: bool = True
+    task: SyntheticTask,
+    out: Path,
+    sizes: Dict[str, int],
+    seed: int,
+    raw_text: bool = True,
+    force: bool = False,
 ) -> Dict[str, dict]:
-    """Generate every split of ``task`` into the new directory ``out`` (a fairseq data-bin directory).
+    """Generate every split of ``task`` into ``out`` (a fairseq data-bin directory); the statistics of each split.
 
-    The splits are written to a temporary sibling directory that is renamed to ``out`` at the end, so a failed
-    or interrupted run leaves nothing that looks like a dataset. Returns the statistics of each split.
+    Written as every data directory of this project is (:class:`~fairseq_expire.prepare.output.DataDirectory`):
+    a failed or interrupted run leaves nothing that looks finished, the same request again does nothing, and
+    other options for an existing directory need ``force``.
     """
-    out = Path(out)
-    check_new_output(out)
     check_sizes(task, sizes)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(work, 0o777 & ~umask)  # mkdtemp makes it private; the dataset should not be
-    try:
+    data = data_directory(task, out, sizes, seed, raw_text, force)
+    record = data.finished()
+    if record is not None:
+        logger.info(f"{out} already holds this {task.name} data: nothing to do")
+        return record["splits"]
+    with data:
         if raw_text:
-            (work / "raw").mkdir()
+            (data.work / "raw").mkdir()
         stats = {}
         dictionary = task_dictionary(task.vocab)
         text = TextRenderer(task.vocab) if raw_text else None
         for split, size in sizes.items():
             started = time.perf_counter()
-            writer = SplitWriter(work, split, dictionary, task.vocab, text)
+            writer = LabelledSplitWriter(data.work, split, dictionary, task.vocab, text)
             rng = np.random.default_rng(split_seed(seed, split))
             for chunk in task.chunks(rng, size):
                 writer.write(chunk)
@@ -289,25 +295,18 @@ def generate_dataset(
                     f"make it larger (--{split}-tokens) so that accuracy can be measured"
                 )
             if split == "train":
-                for symbol, count in zip(task.vocab.symbols, writer.counts):
-                    dictionary.count[dictionary.index(symbol)] = int(count)
+                counts = writer.streams["tokens"].counts
+                for index in writer.ids:
+                    dictionary.count[index] = int(counts[index])
             stats[split] = {"tokens": writer.num_tokens, "lines": writer.num_lines, "scored": writer.scored}
             logger.info(
                 f"{task.name} {split}: {writer.num_tokens:,} tokens, {writer.scored:,} scored answers "
                 f"({time.perf_counter() - started:.1f} s)"
             )
-        dictionary.save(str(work / "dict.txt"))
-        metadata = {
-            "task": task.name,
-            "options": dataclasses.asdict(task.config),
-            "seed": seed,
-            "ignore_label": IGNORE,
-            "splits": stats,
-        }
-        (work / "generation.json").write_text(json.dumps(metadata, indent=2) + "\n")
-        check_new_output(out)
-        os.replace(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        readme = [
+            f"The {task.name} task of the Expire-Span paper, generated with seed {seed}: tokens in "
+            f"`{{split}}.bin`, the answer expected at each position in `{{split}}.labels.bin` (`{IGNORE}`: not "
+            "scored)" + (", both as text in `raw/`." if raw_text else ".")
+        ]
+        data.finish(dictionary, stats, {"ignore_label": IGNORE}, readme)
     return stats
