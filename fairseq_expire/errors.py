@@ -23,14 +23,17 @@ def setup_logging() -> None:
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO, stream=sys.stdout, force=True)
 
 
-def exit_on_usage_error(prog: str, run: Callable[[], T]) -> T:
+def exit_on_usage_error(prog: str, run: Callable[[], T], rerun_continues: bool = False) -> T:
     """``run()``; a :class:`UsageError` ends the process with ``PROG: error: ...`` and exit status 2 (argparse's
-    status for bad usage), an interrupt with one line saying that the same command continues."""
+    status for bad usage). With ``rerun_continues``, an interrupt ends it with one line saying so (status 130).
+    """
     try:
         return run()
     except UsageError as error:
         sys.stderr.write(f"{prog}: error: {error}\n")
         sys.exit(2)
     except KeyboardInterrupt:
+        if not rerun_continues:
+            raise
         sys.stderr.write(f"{prog}: interrupted; run the same command again to continue\n")
         sys.exit(130)

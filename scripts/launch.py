@@ -12,85 +12,9 @@ port) for every task. Preemption and timeout requeue the job, which resumes from
 The arguments are checked with fairseq-train's own parser before anything is submitted.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-from fairseq_expire.launch import LaunchError
-from fairseq_expire.launch.executors import add_resource_arguments, make_executor, resources_from
-from fairseq_expire.launch.fairseq_args import check_not_launcher_options, parse_train_args, with_user_dir
-from fairseq_expire.launch.train_job import TrainJob
-
-
-def split_at_dashes(argv):
-    """The launcher's own arguments and fairseq-train's (after the first ``--``)."""
-    if "--" not in argv:
-        return argv, None
-    index = argv.index("--")
-    return argv[:index], argv[index + 1 :]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [launcher options] -- DATA [fairseq-train arguments]",
-    )  # fmt: skip
-    add_resource_arguments(parser)
-    parser.add_argument(
-        "--save-dir", help="checkpoints go here (default checkpoints/NAME); logs in SAVE_DIR/logs"
-    )
-    parser.add_argument(
-        "--master-port", type=int, help="port of the rank-0 rendezvous (default: from the job id)"
-    )
-    parser.add_argument(
-        "--wait", action="store_true", help="wait for the run to end (always with local and debug)"
-    )
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    own, fairseq_args = split_at_dashes(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(own)
-    if not fairseq_args:
-        parser.error("give fairseq-train's arguments after `--`, starting with the data directory")
-    executor_kind = args.executor or "slurm"
-    try:
-        resources = resources_from({**vars(args), "cpu": args.cpu or "--cpu" in fairseq_args})
-        check_not_launcher_options(fairseq_args, resources.cpu)
-        fairseq_args = with_user_dir(fairseq_args)
-        parse_train_args(fairseq_args)
-        save_dir = Path(args.save_dir or f"checkpoints/{resources.name}").resolve()
-        executor = make_executor(executor_kind, save_dir / "logs", resources)
-    except LaunchError as error:
-        parser.exit(2, f"launch.py: error: {error}\n")
-
-    resuming = (save_dir / "checkpoint_last.pt").exists()
-    try:
-        job = executor.submit(TrainJob(fairseq_args, str(save_dir), resources.cpu, args.master_port))
-    except Exception as error:  # sbatch's own refusal (resources the cluster cannot give, bad account...)
-        parser.exit(1, f"launch.py: error: submission failed: {' '.join(str(error).split())[-2000:]}\n")
-    print(f"Submitted job {job.job_id} ({executor_kind}: {resources.describe()})")
-    print(f"  checkpoints: {save_dir}" + ("  (resuming from checkpoint_last.pt)" if resuming else ""))
-    print(
-        f"  log:         {job.paths.stdout}"
-        + ("  (rank 0; rank k: ..._k_log.out)" if resources.num_tasks > 1 else "")
-    )
-    if executor_kind == "slurm":
-        print(f"  follow:      tail -f {job.paths.stdout}    cancel: scancel {job.job_id}")
-    if not (args.wait or executor_kind != "slurm"):
-        return 0
-    try:
-        job.results()
-    except Exception as error:  # submitit reports the job's own traceback, or why it ended
-        print(
-            f"Job {job.job_id} failed: {str(error).strip()[-3000:]}\n  log: {job.paths.stdout}",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"Job {job.job_id} finished: checkpoints in {save_dir}")
-    return 0
-
+from fairseq_expire.launch.cli import launch_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch_main(__doc__))

@@ -128,6 +128,9 @@ def test_bad_fairseq_arguments_stop_the_launcher_before_anything_runs(tiny_data,
                         *tiny_training_args(tiny_data), "--max-spam", "64", env=no_controller_env(tmp_path))  # fmt: skip
     assert result.returncode == 2 and "fairseq-train does not know --max-spam 64" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "ckpt").exists()
+    no_arch = run_script("launch.py", "--executor", "local", "--save-dir", tmp_path / "ckpt", "--", tiny_data,
+                         "--user-dir", "fairseq_expire", env=no_controller_env(tmp_path))  # fmt: skip
+    assert no_arch.returncode == 2 and "no model for --arch (not given)" in no_arch.stderr, no_arch.stderr
 
 
 def test_unknown_partition_and_sbatch_refusals_are_clear_errors(local_slurm, tiny_data, tmp_path):

@@ -144,6 +144,11 @@ def parse_train_args(args: Sequence[str], context: str = "", grid_keys: Sequence
         reason = exit_.code if isinstance(exit_.code, str) else (lines[-1] if lines else f"exit {exit_.code}")
         reason = re.sub(r"^\S+: error: ", "", reason)
         raise LaunchError(f"fairseq-train rejects the arguments{where}: {reason}") from None
+    except RuntimeError:  # fairseq's bare error for a default --arch whose model is not registered
+        raise LaunchError(
+            f"fairseq-train has no model for --arch {option_value(args, '--arch') or '(not given)'}{where}: "
+            "name one, e.g. --arch expire_span_lm"
+        ) from None
     checked = TrainArguments(namespace, frozenset(parser._option_string_actions))
     check_grid_keys(grid_keys, checked)
     if unknown:

@@ -54,4 +54,4 @@ def main(prepare: Callable, config_class, description: str, argv: Optional[List[
     args = parser.parse_args(argv)
     setup_logging()
     config = config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
-    return exit_on_usage_error(parser.prog, lambda: prepare(config))
+    return exit_on_usage_error(parser.prog, lambda: prepare(config), rerun_continues=True)

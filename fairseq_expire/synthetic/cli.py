@@ -78,7 +78,7 @@ def main(argv: Optional[List[str]] = None):
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
-    exit_on_usage_error(parser.prog, lambda: generate(args))
+    exit_on_usage_error(parser.prog, lambda: generate(args), rerun_continues=True)
 
 
 def generate(args: argparse.Namespace):
