@@ -32,7 +32,7 @@ LICENSES = Path("/usr/share/common-licenses")
 BLOCK = 64
 MAX_SPAN = 2048
 CAPS = [16, 32, 64, 128, 256]
-PASSAGE = (2000, 600)  # offset and length (bytes) of the test passage whose spans are drawn
+PASSAGE = (2000, 110)  # offset and length (bytes) of the test passage whose spans are drawn (legible)
 PLUGIN = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 # Both models: 3 layers of 64, block 64, 8 streams, Adam 2e-3; only how memories are kept differs.

@@ -57,7 +57,7 @@ def check_batch_size(args) -> None:
 
 # The paper's training recipe (appendix A.2, enwik8: Adam 7e-4, 8000 linear warm-up steps then constant, block 512,
 # 512 streams per update, 100k updates; gradient clipping 0.3 from the reference scripts), and what a preset's
-# own experiment changes in it. "streams" is the batch in all, split over the data-parallel processes.
+# own experiment changes in it. --batch-size here is the streams of an update in all, split over the processes.
 RECIPE = {
     "--optimizer": "adam",
     "--lr": "7e-4",
@@ -66,10 +66,10 @@ RECIPE = {
     "--clip-norm": "0.3",
     "--tokens-per-sample": "512",
     "--max-update": "100000",
-    "streams": 512,
+    "--batch-size": "512",
 }
 PRESET_RECIPES = {
-    "expire_span_lm_enwik8_small": {"--lr": "3e-4", "--tokens-per-sample": "256", "streams": 64},
+    "expire_span_lm_enwik8_small": {"--lr": "3e-4", "--tokens-per-sample": "256", "--batch-size": "64"},
     "expire_span_lm_pg19": {"--lr-scheduler": "cosine"},
     "expire_span_lm_collision": {"--lr": "1e-4", "--clip-norm": "0.1", "--tokens-per-sample": "256"},
     "expire_span_lm_wt103": {"--tokens-per-sample": "256", "--clip-norm": "0.1", "--max-update": "300000"},
@@ -77,19 +77,17 @@ PRESET_RECIPES = {
 # An option of the recipe is only added when the option it belongs to is unset or has the recipe's value: Adam's
 # learning rate is no SGD learning rate, warm-up steps are an option of the scheduler, --max-epoch is the user's limit.
 DEPENDS_ON = {"--lr": "--optimizer", "--warmup-updates": "--lr-scheduler", "--max-update": "--max-epoch"}
+ALIASES = {"--arch": ("-a",), "--batch-size": ("--max-sentences",)}  # fairseq's other spellings
 
 
-def _typed_options(argv: Sequence[str]) -> argparse.Namespace:
+def _typed_options(argv: Sequence[str]) -> dict:
     """The options of ``argv`` the completion looks at, None where not typed. fairseq's parsers take no
     abbreviations (``allow_abbrev=False``), so an option is typed exactly when one of its spellings is."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for spellings in (("--task",), ("--criterion",), ("--arch", "-a"), ("--batch-size", "--max-sentences")):
-        parser.add_argument(*spellings)
-    for option in (*RECIPE, "--max-epoch", "--distributed-world-size"):
-        if option.startswith("--"):
-            parser.add_argument(option, dest=option)
-    parser.add_argument("--cpu", action="store_true")
-    return parser.parse_known_args(argv)[0]
+    for option in ("--task", "--criterion", "--arch", *RECIPE, "--max-epoch", "--distributed-world-size"):
+        parser.add_argument(option, *ALIASES.get(option, ()), dest=option)
+    parser.add_argument("--cpu", action="store_true", dest="--cpu")
+    return vars(parser.parse_known_args(argv)[0])
 
 
 def _plugin_arch(arch) -> bool:
@@ -99,12 +97,12 @@ def _plugin_arch(arch) -> bool:
     return model is not None and model.__module__.split(".")[0] == __name__.split(".")[0]
 
 
-def _processes(typed) -> int:
+def _processes(typed: dict) -> int:
     """Data-parallel processes as fairseq counts them by default: --distributed-world-size, else one per GPU."""
-    size = getattr(typed, "--distributed-world-size")
+    size = typed["--distributed-world-size"]
     if size is not None and size.isdigit():
         return max(1, int(size))
-    if typed.cpu:
+    if typed["--cpu"]:
         return 1
     import torch
 
@@ -120,37 +118,32 @@ def complete_training_command(argv: Sequence[str]) -> List[str]:
     options always win, and a different --task or --criterion typed is refused. Logs the completed command.
     """
     typed = _typed_options(argv)
-    if typed.arch is None or not _plugin_arch(typed.arch):
+    arch = typed["--arch"]
+    if arch is None or not _plugin_arch(arch):
         return list(argv)
-    given = {"--task": (typed.task, TASK), "--criterion": (typed.criterion, CRITERION)}
-    wrong = [f"{name} {value}" for name, (value, ours) in given.items() if value not in (None, ours)]
+    ours = {"--task": TASK, "--criterion": CRITERION}
+    wrong = [f"{name} {typed[name]}" for name in ours if typed[name] not in (None, ours[name])]
     if wrong:
         raise UsageError(
-            f"--arch {typed.arch} cannot train with {' and '.join(wrong)}: its memory needs contiguous streams "
-            f"(--task {TASK}) and its spans the span loss (--criterion {CRITERION}); leave "
-            f"{' and '.join(name for name, _ in given.items())} out to get both and the paper's recipe"
+            f"--arch {arch} cannot train with {' and '.join(wrong)}: its memory needs contiguous streams "
+            f"(--task {TASK}) and its spans the span loss (--criterion {CRITERION}); leave --task and "
+            "--criterion out to get both and the paper's recipe"
         )
-    if typed.task is not None and typed.criterion is not None:
+    if None not in (typed["--task"], typed["--criterion"]):
         return list(argv)
-    recipe = {**RECIPE, **PRESET_RECIPES.get(typed.arch, {})}
-    added, streams = {name: ours for name, (value, ours) in given.items() if value is None}, ""
-    if typed.batch_size is None:
-        processes = _processes(typed)
-        added["--batch-size"] = str(max(1, recipe["streams"] // processes))
-        streams = (
-            f"; --batch-size: the paper's {recipe['streams']} streams per update over {processes} process(es)"
-        )
+    recipe = {**RECIPE, **PRESET_RECIPES.get(arch, {})}
+    added, streams = {name: value for name, value in ours.items() if typed[name] is None}, ""
     for option, value in recipe.items():
         depends = DEPENDS_ON.get(option)
-        if (
-            option.startswith("--")
-            and getattr(typed, option) is None
-            and (depends is None or getattr(typed, depends) in (None, recipe.get(depends)))
-        ):
+        if typed[option] is None and (depends is None or typed[depends] in (None, recipe.get(depends))):
             added[option] = value
+    if "--batch-size" in added:
+        processes = _processes(typed)
+        added["--batch-size"] = str(max(1, int(recipe["--batch-size"]) // processes))
+        streams = f"; --batch-size: the paper's {recipe['--batch-size']} streams per update over {processes} process(es)"
     completed = [*argv, *(word for pair in added.items() for word in pair)]
     logger.info(
-        f"--arch {typed.arch} without --task/--criterion: fairseq's defaults would train the wrong thing, so this "
+        f"--arch {arch} without --task/--criterion: fairseq's defaults would train the wrong thing, so this "
         f"plugin added {' '.join(f'{k} {v}' for k, v in added.items())} (its task and criterion, and the paper's "
         f"recipe, appendix A.2, for what the command left unset{streams}). Training with: "
         f"fairseq-train {shlex.join(completed)}"

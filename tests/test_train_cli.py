@@ -6,9 +6,10 @@ import re
 import pytest
 import torch
 from console import json_logs, make_data_bin, repeating_text, run, train_command
+from fairseq import options
 
 import fairseq_expire  # noqa: F401  (registers the models)
-from fairseq_expire.usage import complete_training_command
+from fairseq_expire.usage import PRESET_RECIPES, complete_training_command
 
 pytestmark = pytest.mark.slow
 
@@ -20,33 +21,29 @@ def repeating_data(tmp_path_factory):
     return make_data_bin(directory, repeating_text(24000, 40, seed=1), repeating_text(2000, 40, seed=2))
 
 
-def test_the_cards_short_command_gets_the_task_criterion_and_the_papers_recipe():
+def test_the_cards_short_command_gets_the_task_criterion_and_the_papers_recipe(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one process: all 512 streams in it
     card = ["data-bin/enwik8", "--user-dir", "fairseq_expire", "--arch", "expire_span_lm"]
     completed = " ".join(complete_training_command(card))
     for added in (
-        "--task language_modeling_with_memory --criterion expire_span_cross_entropy --batch-size 512",
-        "--optimizer adam --lr 7e-4 --lr-scheduler fixed --warmup-updates 8000 --clip-norm 0.3",
-        "--tokens-per-sample 512 --max-update 100000",
+        "--task language_modeling_with_memory --criterion expire_span_cross_entropy --optimizer adam --lr 7e-4",
+        "--lr-scheduler fixed --warmup-updates 8000 --clip-norm 0.3 --tokens-per-sample 512",
+        "--max-update 100000 --batch-size 512",
     ):
         assert added in completed
     small = complete_training_command(
-        [*card[:-1], "expire_span_lm_enwik8_small", "--distributed-world-size", "8"]
+        ["DATA", "-a", "expire_span_lm_enwik8_small", "--distributed-world-size", "8"]
     )
-    assert "--lr 3e-4" in " ".join(small) and "--batch-size 8 " in " ".join(small)  # 64 streams over 8
+    assert "--lr 3e-4" in " ".join(small) and small[-2:] == ["--batch-size", "8"]  # 64 streams, 8 processes
     typed = complete_training_command(
-        [*card, "--optimizer=sgd", "--batch-size", "3", "--lr-scheduler", "cosine"]
+        [*card, "--optimizer=sgd", "--max-sentences", "3", "--lr-scheduler", "cos"]
     )
-    assert (
-        "--optimizer=sgd" in typed and "adam" not in typed and "--lr" not in typed
-    )  # Adam's lr is not SGD's
-    assert "--warmup-updates" not in typed and typed.count("--batch-size") == 1
+    assert "adam" not in typed and "--lr" not in typed  # Adam's learning rate is not SGD's
+    assert "--warmup-updates" not in typed and "--batch-size" not in typed
     full = [*card, "--task", "language_modeling_with_memory", "--criterion", "expire_span_cross_entropy"]
     assert complete_training_command(full) == full
-    assert complete_training_command(["DATA", "--arch", "transformer_lm"]) == [
-        "DATA",
-        "--arch",
-        "transformer_lm",
-    ]
+    other = ["DATA", "--arch", "transformer_lm"]
+    assert complete_training_command(other) == other
 
 
 def test_the_short_command_trains_to_a_checkpoint_that_eval_lm_scores(repeating_data, tmp_path):
@@ -78,6 +75,18 @@ def test_the_short_command_trains_to_a_checkpoint_that_eval_lm_scores(repeating_
     )
     bits = float(re.search(r"Loss \(base 2\): ([\d.]+)", scored.stdout + scored.stderr).group(1))
     assert 0 < bits < 8
+
+
+def test_every_presets_completed_command_parses_with_fairseqs_own_parser():
+    for arch in ["expire_span_lm", "fixed_span_lm", *PRESET_RECIPES]:
+        completed = complete_training_command(["data-bin/enwik8", "--arch", arch])
+        args = options.parse_args_and_arch(options.get_training_parser(), input_args=completed)
+        assert (args.task, args.criterion, args.optimizer) == (
+            "language_modeling_with_memory",
+            "expire_span_cross_entropy",
+            "adam",
+        )
+        assert args.warmup_updates == 8000 and args.max_update >= 100000 and args.batch_size >= 1
 
 
 @pytest.mark.parametrize("wrong", [("--task", "language_modeling"), ("--criterion=cross_entropy",)])
