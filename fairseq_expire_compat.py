@@ -338,8 +338,43 @@ def _stop_at_max_update(module):
     module.train = train
 
 
+# --- the card's short command: fairseq-train DATA --user-dir fairseq_expire --arch expire_span_lm -------------------
+# fairseq's default --task and --criterion (translation, cross_entropy) would train the wrong thing. The plugin
+# completes the command line before fairseq parses it (``fairseq_expire.usage.complete_training_command``); this
+# only wires it in. fairseq imports the --user-dir module first thing when parsing; it is imported here the same
+# way (fairseq remembers it and does not import it twice), and the command completed only when it is this plugin.
+
+
+def _complete_plugin_training_commands(module):
+    if getattr(module, "_fairseq_expire_completes_commands", False):
+        return
+    original = module.cli_main
+
+    def cli_main(*args, **kwargs):
+        import argparse  # here, not at start-up: this module is imported by every Python process
+
+        parser = argparse.ArgumentParser(
+            add_help=False, allow_abbrev=False
+        )  # fairseq's own --user-dir parser
+        parser.add_argument("--user-dir", default=None)
+        user_dir = parser.parse_known_args(sys.argv[1:])[0].user_dir
+        if user_dir is not None:
+            from fairseq import utils
+
+            utils.import_user_module(argparse.Namespace(user_dir=user_dir))
+            if "fairseq_expire" in sys.modules:
+                from fairseq_expire.usage import complete_training_command
+
+                sys.argv[1:] = complete_training_command(sys.argv[1:])
+        return original(*args, **kwargs)
+
+    module.cli_main = cli_main
+    module._fairseq_expire_completes_commands = True
+
+
 def _fix_train(module):
     _stop_at_max_update(module)
+    _complete_plugin_training_commands(module)  # inside the one-line errors: a refusal is one line
     _one_line_usage_errors(module)
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Bits per token against memory: one checkpoint with its spans capped at several values (paper Figures 7, 10).
 
-    python scripts/memory_curve.py --checkpoint demo/checkpoints/checkpoint_best.pt --split test \\
-        --caps 16 64 256 1024 --compare 64 none --out demo/memory_curve
+    python scripts/memory_curve.py --checkpoint demo/checkpoints/expire_span_lm/checkpoint_best.pt \\
+        --split test --caps 16 64 256 1024 --compare 64 none --out demo/memory_curve
 
 Each cap is the evaluation option inference_max_span (fairseq-eval-lm --model-overrides
 "{'inference_max_span': N}"); no cap is always evaluated too. Each run scores the whole split from an empty

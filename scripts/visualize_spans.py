@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What each layer keeps: the expire-span of every token, as an HTML page and a PNG heatmap (paper Figs. 9, 12).
 
-    python scripts/visualize_spans.py --checkpoint demo/checkpoints/checkpoint_best.pt \\
+    python scripts/visualize_spans.py --checkpoint demo/checkpoints/expire_span_lm/checkpoint_best.pt \\
         --text-file /usr/share/common-licenses/GPL-3 --length 600 --out spans
     python scripts/visualize_spans.py --checkpoint CKPT --split test --offset 5000 --length 400 --out spans
     python scripts/visualize_spans.py --checkpoint CKPT --text "..." --edit Licensee=Customer --out edit

@@ -1,4 +1,4 @@
-"""`make demo` end to end, shortened: prepare the licence corpus, fairseq-train, fairseq-eval-lm, figures."""
+"""`make demo` end to end, shortened: prepare the licence corpus, train both models, score, table and figures."""
 
 import re
 
@@ -8,10 +8,23 @@ from console import run
 pytestmark = pytest.mark.slow
 
 
-def test_demo_prepares_trains_evaluates_and_reports(tmp_path):
-    result = run("python", "scripts/demo.py", "--work", tmp_path, "--updates", 30)
+def test_demo_trains_both_models_and_reports_a_table_and_figures(tmp_path):
+    result = run("python", "scripts/demo.py", "--work", tmp_path, "--updates", 20)
     output = result.stdout
-    bits = float(re.search(r"test \(fairseq-eval-lm.*\): ([\d.]+) bits/byte", output).group(1))
-    assert 0 < bits < 8  # 30 updates on bytes: better than uniform over 256 values
-    assert re.search(r"mean span [\d.]+ of L = 2048", output)
-    assert (tmp_path / "checkpoints" / "checkpoint_best.pt").exists()
+    progress = [line for line in output.splitlines() if re.match(r"\s+(expire|fixed)_span_lm\s+update", line)]
+    assert len(progress) == 20  # ten progress lines per model, no flood
+    span = int(re.search(r"training fixed_span_lm the same way, span (\d+)", output).group(1))
+    rows = re.findall(
+        r"^\| (\w+) \(.*?\) \| ([\d.]+) \| ([\d.]+) \(.*?\) \| ([\d.]+) \| (\d+) s \|$", output, re.M
+    )
+    assert [row[0] for row in rows] == ["expire_span_lm", "fixed_span_lm"]
+    for _, bits, memory, keys, _ in rows:
+        assert 0 < float(bits) < 8.1 and float(memory) > 0 and float(keys) > 0  # 20 updates: about uniform
+    assert abs(float(rows[1][2]) - span) <= 2  # the baseline keeps the memory Expire-Span kept
+    assert "bits/byte" in output.split("\n\n")[-2]  # the lines saying what the table means
+    figures = tmp_path / "figures"
+    for name in ("spans.png", "spans.html", "memory_curve.png", "memory_curve.csv"):
+        assert (figures / name).stat().st_size > 0 and str(figures / name) in output
+    assert (tmp_path / "report.md").read_text().startswith("| model |")
+    commands = (tmp_path / "commands.sh").read_text()
+    assert commands.count("fairseq-train ") == 2 and "scripts/visualize_spans.py" in commands

@@ -1,10 +1,15 @@
 """The model, task and criterion through the real fairseq-train / fairseq-eval-lm console scripts."""
 
 import math
+import re
 
 import pytest
 import torch
 from console import json_logs, make_data_bin, repeating_text, run, train_command
+from fairseq import options
+
+import fairseq_expire  # noqa: F401  (registers the models)
+from fairseq_expire.usage import PRESET_RECIPES, complete_training_command
 
 pytestmark = pytest.mark.slow
 
@@ -16,20 +21,92 @@ def repeating_data(tmp_path_factory):
     return make_data_bin(directory, repeating_text(24000, 40, seed=1), repeating_text(2000, 40, seed=2))
 
 
-def test_the_short_command_stops_with_the_full_one(repeating_data):
+def test_the_cards_short_command_gets_the_task_criterion_and_the_papers_recipe(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one process: all 512 streams in it
+    card = ["data-bin/enwik8", "--user-dir", "fairseq_expire", "--arch", "expire_span_lm"]
+    completed = " ".join(complete_training_command(card))
+    for added in (
+        "--task language_modeling_with_memory --criterion expire_span_cross_entropy --optimizer adam --lr 7e-4",
+        "--lr-scheduler fixed --warmup-updates 8000 --clip-norm 0.3 --tokens-per-sample 512",
+        "--max-update 100000 --batch-size 512",
+    ):
+        assert added in completed
+    small = complete_training_command(
+        ["DATA", "-a", "expire_span_lm_enwik8_small", "--distributed-world-size", "8"]
+    )
+    assert "--lr 3e-4" in " ".join(small) and small[-2:] == ["--batch-size", "8"]  # 64 streams, 8 processes
+    typed = complete_training_command(
+        [*card, "--optimizer=sgd", "--max-sentences", "3", "--lr-scheduler", "cos"]
+    )
+    assert "adam" not in typed and "--lr" not in typed  # Adam's learning rate is not SGD's
+    assert "--warmup-updates" not in typed and "--batch-size" not in typed
+    full = [*card, "--task", "language_modeling_with_memory", "--criterion", "expire_span_cross_entropy"]
+    assert complete_training_command(full) == full
+    other = ["DATA", "--arch", "transformer_lm"]
+    assert complete_training_command(other) == other
+
+
+def test_the_short_command_trains_to_a_checkpoint_that_eval_lm_scores(repeating_data, tmp_path):
     result = run(
         "fairseq-train",
         repeating_data,
         "--user-dir",
         "fairseq_expire",
         "--arch",
+        "expire_span_lm_tiny",
+        # sized for a tiny corpus on the CPU: the rest is the completion's
+        *("--tokens-per-sample", 16, "--batch-size", 4, "--max-update", 5, "--cpu", "--save-dir", tmp_path),
+    )
+    chosen = [line for line in (result.stdout + result.stderr).splitlines() if "fairseq_expire.usage" in line]
+    assert (
+        len(chosen) == 1
+        and "--task language_modeling_with_memory --criterion expire_span_cross_entropy" in chosen[0]
+    )
+    assert "--optimizer adam --lr 7e-4" in chosen[0] and "--batch-size 512" not in chosen[0]
+    scored = run(
+        "fairseq-eval-lm",
+        repeating_data,
+        "--user-dir",
+        "fairseq_expire",
+        "--task",
+        "language_modeling_with_memory",
+        *("--path", tmp_path / "checkpoint_best.pt", "--gen-subset", "valid", "--tokens-per-sample", 16),
+        *("--batch-size", 1, "--cpu"),
+    )
+    bits = float(re.search(r"Loss \(base 2\): ([\d.]+)", scored.stdout + scored.stderr).group(1))
+    assert 0 < bits < 8
+
+
+def test_every_presets_completed_command_parses_with_fairseqs_own_parser():
+    for arch in ["expire_span_lm", "fixed_span_lm", *PRESET_RECIPES]:
+        completed = complete_training_command(["data-bin/enwik8", "--arch", arch])
+        args = options.parse_args_and_arch(options.get_training_parser(), input_args=completed)
+        assert (args.task, args.criterion, args.optimizer) == (
+            "language_modeling_with_memory",
+            "expire_span_cross_entropy",
+            "adam",
+        )
+        assert args.warmup_updates == 8000 and args.max_update >= 100000 and args.batch_size >= 1
+
+
+@pytest.mark.parametrize("wrong", [("--task", "language_modeling"), ("--criterion=cross_entropy",)])
+def test_the_short_command_with_another_task_or_criterion_is_refused_in_one_line(repeating_data, wrong):
+    result = run(
+        "fairseq-train",
+        repeating_data,
+        "--user-dir",
+        "fairseq_expire",
+        "-a",
         "expire_span_lm",
+        *wrong,
         check=False,
     )
-    assert result.returncode != 0
-    assert "--task language_modeling_with_memory" in result.stderr
-    assert "--criterion expire_span_cross_entropy" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("error: --arch expire_span_lm cannot train with")
+        and "leave --task and --criterion out" in last
+    )
 
 
 def test_logs_spans_and_memory_in_train_inner_train_and_valid(repeating_data, tmp_path):

@@ -54,6 +54,7 @@ class CapResult:
             "memory_mean": round(float(self.run.memory.mean()), 2),
             "memory_per_layer": [round(float(kept), 2) for kept in self.run.memory],
             "span_mean": round(float(self.run.spans.mean()), 2),
+            "keys_per_query": round(self.run.attended, 2),
         }
 
 

@@ -198,6 +198,9 @@ class BlockRun:
     spans: Tensor  # layers x N   expire-span e of each token's memory (fixed-span models: L)
     nll: Tensor  # N   nats for predicting the token from those before it; NaN at a stream's first token
     memory: Tensor  # layers   entries kept after a block, mean over blocks and streams, weighted by targets
+    attended: float = (
+        math.nan
+    )  # keys attended per query (paper's |C_t|), mean over layers and blocks, likewise
 
     @property
     def scored(self) -> Tensor:  # N, True where the token was predicted
@@ -226,7 +229,7 @@ def run_blocks(loaded: LoadedModel, tokens: Tensor, streams: int = 1) -> BlockRu
     device = next(model.parameters()).device
     spans = torch.full((loaded.num_layers, N), math.nan)
     nll = torch.full((N,), math.nan)
-    kept_sum, targets_seen = torch.zeros(loaded.num_layers), 0
+    kept_sum, attended_sum, targets_seen = torch.zeros(loaded.num_layers), 0.0, 0
     with torch.no_grad():
         for k in range(layout.num_blocks):
             source = torch.full((streams, M), pad, dtype=torch.long)
@@ -250,5 +253,6 @@ def run_blocks(loaded: LoadedModel, tokens: Tensor, streams: int = 1) -> BlockRu
                 nll[first + 1 : last] = token_nll[row, : last - first - 1]
             block_targets = int(target.ne(pad).sum())
             kept_sum += output[1]["mem_sizes"].float().cpu() * block_targets
+            attended_sum += float(output[1]["attn_mem_avg"]) * block_targets
             targets_seen += block_targets
-    return BlockRun(tokens, spans, nll, kept_sum / max(targets_seen, 1))
+    return BlockRun(tokens, spans, nll, kept_sum / max(targets_seen, 1), attended_sum / max(targets_seen, 1))
