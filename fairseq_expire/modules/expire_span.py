@@ -247,12 +247,10 @@ class ExpireSpanAttention(nn.Module):
             last_visible = torch.floor(limit - first_distance)  # m > 0: t - i <= L
         # causal, self excluded: block key j is visible from query t only if j < t
         log_mask[..., -M:].masked_fill_(_not_before(M, block.device), -math.inf)
-        sees_something = (
-            log_mask.amax(-1, keepdim=True) > -math.inf
-        )  # B x M x 1: False only at a stream's start
-        everyone_sees = bool(sees_something.all())
-        if not everyone_sees:
-            log_mask = log_mask.masked_fill(~sees_something, 0.0)
+        # B x M x 1: False only at a stream's start. Applied unconditionally: testing for it first would stall a
+        # GPU's queue once per layer (host sync) to save one pass over B x M x T.
+        sees_something = log_mask.amax(-1, keepdim=True) > -math.inf
+        log_mask.masked_fill_(~sees_something, 0.0)
 
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
         k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
@@ -272,8 +270,7 @@ class ExpireSpanAttention(nn.Module):
             out = torch.matmul(self.dropout(attn).to(v.dtype), v)  # B x K x M x D
         else:
             out = fused_attention(q, k, v, log_mask, positions, self.dropout.p if self.training else 0.0)
-        if not everyone_sees:
-            out = out * sees_something.unsqueeze(1)
+        out = out * sees_something.unsqueeze(1)
         out = out.transpose(1, 2).reshape(B, M, -1)  # B x M x H
 
         with torch.no_grad():  # |C_t|: key i is visible to the queries max(0, 1 - d_i) <= t <= last_visible_i
