@@ -353,7 +353,15 @@ def _tpu_on_command_line(input_args) -> bool:
     return "--tpu" in (sys.argv[1:] if input_args is None else input_args)
 
 
+def _native_bf16(cuda: bool) -> bool:
+    """Whether the device computes in bf16 (Ampere or newer; a CPU with AVX512-BF16 or AMX) or emulates it."""
+    import torch
+
+    return torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _check_reduced_precision(args) -> None:
+    """Refuse fp16 and amp without CUDA, before any data or model is loaded; warn where bf16 is emulated."""
     import torch
 
     if args.tpu:
@@ -368,12 +376,11 @@ def _check_reduced_precision(args) -> None:
                 f"--{flag} {why}, and this run has no GPU ({'--cpu' if args.cpu else 'no CUDA device'}): "
                 "use --bf16 on CPU"
             )
-    if args.bf16 and not (
-        torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    ):
+    if args.bf16 and not _native_bf16(cuda):
         logger.warning(
             f"--bf16: this {'GPU' if cuda else 'CPU'} has no native bf16 arithmetic "
-            f"({'compute capability < 8.0' if cuda else 'no AVX512-BF16/AMX'}): bf16 is emulated and slower than fp32"
+            f"({'compute capability < 8.0' if cuda else 'no AVX512-BF16/AMX'}): bf16 is emulated and slower "
+            "than fp32"
         )
 
 
