@@ -176,13 +176,11 @@ def test_bf16_fairseq_train_and_eval_lm_reach_the_fp32_loss(data_bin, tmp_path):
             "fairseq-train", *train_command(data_bin, tmp_path / name, *extra, "--no-epoch-checkpoints")
         )
         losses[name] = float(json_logs(result.stdout + result.stderr, "valid")[-1]["valid_loss"])
-        state = torch.load(tmp_path / name / "checkpoint_last.pt", map_location="cpu", weights_only=False)
-        dtype = state["model"]["decoder.embed_tokens.weight"].dtype
-        assert dtype == (
-            torch.float32 if name == "fp32" else torch.bfloat16
-        ), name  # it really trained in bf16
+        common = torch.load(tmp_path / name / "checkpoint_last.pt", weights_only=False)["cfg"]["common"]
+        assert (common["bf16"], common["tpu"]) == (name != "fp32", False)  # checkpoints are saved in fp32
     for name in ("bf16", "memory_efficient_bf16"):
         assert losses[name] == pytest.approx(losses["fp32"], abs=VALID_LOSS_MARGIN), losses
+        assert losses[name] != losses["fp32"]  # it did compute in bf16
     checkpoint = tmp_path / "bf16" / "checkpoint_last.pt"
     in_fp32, in_bf16 = eval_loss(eval_lm(data_bin, checkpoint)), eval_loss(
         eval_lm(data_bin, checkpoint, "--bf16")
