@@ -372,6 +372,100 @@ def _complete_plugin_training_commands(module):
     module._fairseq_expire_completes_commands = True
 
 
+# --- --bf16 implies --tpu; --fp16 and --amp without CUDA; eval-lm ignores --bf16 ---------------------------------
+# fairseq 0.12.2's ``parse_args_and_arch`` (options.py) sets ``--tpu`` whenever ``--bf16`` or
+# ``--memory-efficient-bf16`` is given, so bf16 needs torch_xla and dies in ``xla_device`` on CPU and CUDA alike.
+# Unless ``--tpu`` is on the command line, bf16 now runs on the device fairseq would otherwise pick: the trainer
+# converts the model to bf16 with fp32 master weights (FP16Optimizer, no loss scaling), exactly its TPU recipe.
+# ``--fp16`` asserts CUDA (FP16Optimizer's flat fp32 copy asks ``torch.cuda.current_device()``) and ``--amp`` is
+# CUDA autocast, a silent fp32 run on CPU: without CUDA both stop in one line naming --bf16. ``fairseq-eval-lm``
+# converts the model for ``--fp16`` but ignores ``--bf16``: it converts it to bf16 as well.
+
+
+def _tpu_on_command_line(input_args) -> bool:
+    """fairseq's parsers refuse abbreviations, so ``--tpu`` is given iff it is on the command line."""
+    return "--tpu" in (sys.argv[1:] if input_args is None else input_args)
+
+
+def _native_bf16(cuda: bool) -> bool:
+    """Whether the device computes in bf16 (Ampere or newer; a CPU with AVX512-BF16 or AMX) or emulates it."""
+    import torch
+
+    return torch.cuda.is_bf16_supported() if cuda else torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _check_reduced_precision(args) -> None:
+    """Refuse fp16 and amp without CUDA, before any data or model is loaded; warn where bf16 is emulated."""
+    import torch
+
+    if args.tpu:
+        return
+    cuda = torch.cuda.is_available() and not getattr(args, "cpu", False)
+    for flag, why in (
+        ("fp16", "is CUDA-only in fairseq"),
+        ("amp", "is CUDA autocast: it would train in fp32"),
+    ):
+        if getattr(args, flag, False) and not cuda:
+            raise UsageError(
+                f"--{flag} {why}, and this run has no GPU ({'--cpu' if args.cpu else 'no CUDA device'}): "
+                "use --bf16 on CPU"
+            )
+    if args.bf16 and not _native_bf16(cuda):
+        logger.warning(
+            f"--bf16: this {'GPU' if cuda else 'CPU'} has no native bf16 arithmetic "
+            f"({'compute capability < 8.0' if cuda else 'no AVX512-BF16/AMX'}): bf16 is emulated and slower "
+            "than fp32"
+        )
+
+
+def _bf16_without_tpu(module):
+    original = module.parse_args_and_arch
+    if getattr(original, "_fairseq_expire_compat", False):
+        return
+
+    def parse_args_and_arch(parser, input_args=None, *args, **kwargs):
+        parsed = original(parser, input_args, *args, **kwargs)
+        result = parsed[0] if isinstance(parsed, tuple) else parsed
+        if getattr(result, "bf16", False) and not _tpu_on_command_line(input_args):
+            result.tpu = False
+        if hasattr(result, "tpu"):
+            _check_reduced_precision(result)
+        return parsed
+
+    parse_args_and_arch._fairseq_expire_compat = True
+    module.parse_args_and_arch = parse_args_and_arch
+
+
+def _eval_lm_in_bf16(module):
+    main, eval_lm = module.main, module.eval_lm
+    if getattr(main, "_fairseq_expire_compat", False):
+        return
+
+    def eval_lm_converting_to_bf16(models, *args, **kwargs):
+        import torch
+
+        for model in models:
+            model.to(dtype=torch.bfloat16)
+        return eval_lm(models, *args, **kwargs)
+
+    def main_in_bf16(cfg, **kwargs):
+        if not (cfg.common.bf16 and not cfg.common.tpu):
+            return main(cfg, **kwargs)
+        module.eval_lm = eval_lm_converting_to_bf16  # main calls it with the loaded models on their device
+        try:
+            return main(cfg, **kwargs)
+        finally:
+            module.eval_lm = eval_lm
+
+    main_in_bf16._fairseq_expire_compat = True
+    module.main = main_in_bf16
+
+
+def _fix_eval_lm(module):
+    _eval_lm_in_bf16(module)
+    _one_line_usage_errors(module)
+
+
 def _fix_train(module):
     _stop_at_max_update(module)
     _complete_plugin_training_commands(module)  # inside the one-line errors: a refusal is one line
@@ -383,10 +477,9 @@ _POST_IMPORT_FIXES = {
     "fairseq.dataclass.utils": _name_the_task_a_model_does_not_fit,
     "fairseq.distributed.utils": _fix_distributed_utils,
     "fairseq.utils": _explain_missing_user_dir,
-    **{
-        f"fairseq_cli.{name}": _one_line_usage_errors
-        for name in ("eval_lm", "validate", "generate", "interactive")
-    },
+    "fairseq.options": _bf16_without_tpu,
+    **{f"fairseq_cli.{name}": _one_line_usage_errors for name in ("validate", "generate", "interactive")},
+    "fairseq_cli.eval_lm": _fix_eval_lm,
     "fairseq_cli.train": _fix_train,
 }
 

@@ -10,8 +10,14 @@ stream leaves in it), then ``--warmup`` blocks are not timed. For each expire-sp
 L = its measured mean span S (at least the block M) shows whether cost follows the memory kept. Prints a
 Markdown table, with the ratio to the authors' implementation where the issue gives its figure, and writes JSON.
 
+``--dtypes fp32 bf16`` measures each row in both, side by side: bf16 as ``fairseq-train --bf16`` runs it (the model
+converted to bf16, fairseq's FP16Optimizer with fp32 master weights; not autocast), with its tokens/s and peak
+memory as ratios to the fp32 row. On CUDA, rows also give model FLOP/s (multiply-adds counted as in
+:func:`train_flops_per_token`) and their utilization of the GPU's peak (``--peak-tflops``, known GPUs by name).
+
     python scripts/benchmark.py --lengths 1024 4096 16384 --json bench.json
     python scripts/benchmark.py --lengths 65536 --modes train --memory-limit-gb 8    # does it fit?
+    python scripts/benchmark.py --lengths 16384 --modes train --models expire_span_lm --no-follow --dtypes fp32 bf16
 """
 
 import argparse
@@ -29,8 +35,13 @@ from pathlib import Path
 CONFIGS = {
     # The issue's CPU comparison point: 4 layers, 256 wide, 4 heads, block 256, batch 8, R = 64, p = 0.1.
     "cpu_small": dict(layers=4, width=256, ffn=1024, heads=4, block=256, batch=8, ramp=64, init=0.1),
+    # The paper's enwik8 model at its per-GPU batch (64 streams of 512): for GPUs.
+    "enwik8": dict(layers=12, width=512, ffn=2048, heads=8, block=512, batch=64, ramp=128, init=0.1),
     "tiny": dict(layers=2, width=32, ffn=64, heads=2, block=16, batch=2, ramp=8, init=0.1),
 }
+
+# Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
 
 # The authors' implementation (facebookresearch/transformer-sequential) on cpu_small, training tokens/s on this
 # project's 2-core CPU machine, as measured for the efficiency issue: (model, L) -> tokens/s.
@@ -57,7 +68,7 @@ def prefill(decoder, batch_size: int, init_percentage: float, like) -> None:
     distance = torch.arange(N, 0, -1, dtype=torch.float32, device=like.device).expand(batch_size, -1)
     decoder._memory[decoder.training] = [
         LayerMemory(
-            hidden=torch.randn(batch_size, N, H, device=like.device),
+            hidden=torch.randn(batch_size, N, H, device=like.device, dtype=like.dtype),
             distance=distance,
             valid=torch.ones(batch_size, N, dtype=torch.bool, device=like.device),
         )
@@ -77,6 +88,35 @@ def cache_bound(cfg: dict, memory_per_layer, vocabulary_size: int) -> float:
         cached += block
         uncached += block + 2 * B * N * H * H
     return uncached / cached
+
+
+def train_flops_per_token(cfg: dict, memory_per_layer, vocabulary_size: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 forwards, 2 FLOPs a multiply-add): per layer the
+    projections and feed-forward, attention to the N memories and the M block keys, the position band; the output
+    layer."""
+    M, H, F = cfg["block"], cfg["width"], cfg["ffn"]
+    multiply_adds = H * vocabulary_size + sum(
+        4 * H * H + 2 * H * F + 2 * (N + M) * H + M * H for N in memory_per_layer
+    )
+    return 3 * 2 * multiply_adds
+
+
+def build_optimizer(model, dtype):
+    """fairseq's Adam as ``fairseq-train`` builds it: wrapped in FP16Optimizer (fp32 master weights, no loss scaling
+    in bf16) when the model is in bf16."""
+    import torch
+    from fairseq import optim
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.optim.adam import FairseqAdamConfig
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.structured(FairseqConfig())
+    cfg.common.bf16 = dtype == torch.bfloat16
+    cfg.optimizer = OmegaConf.merge(OmegaConf.structured(FairseqAdamConfig(lr=[1e-4])), {"_name": "adam"})
+    params = list(model.parameters())
+    if cfg.common.bf16:
+        return optim.FP16Optimizer.build_optimizer(cfg, params)
+    return optim.build_optimizer(cfg.optimizer, params)
 
 
 def reset_peak_memory(device) -> None:
@@ -132,9 +172,9 @@ def measure(args) -> dict:
     if learned:
         options.update(expire_span_ramp=cfg["ramp"], expire_span_init_percentage=cfg["init"])
     config = (lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig)(**options)
-    model = lm.FixedSpanLanguageModel(lm.ExpireSpanDecoder(config, dictionary, learned)).to(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model = lm.FixedSpanLanguageModel(lm.ExpireSpanDecoder(config, dictionary, learned)).to(device, dtype)
+    optimizer = build_optimizer(model, dtype)
     B, M = cfg["batch"], cfg["block"]
     stream = torch.randint(4, len(dictionary), (B, (args.warmup + args.batches + 1) * M), device=device)
     if args.mode == "eval":
@@ -163,16 +203,15 @@ def measure(args) -> dict:
         target = stream[:, k * M + 1 : (k + 1) * M + 1]
         synchronize()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if args.mode == "eval":
-                with torch.no_grad():
-                    logits, extra = model(tokens)
-            else:
+        if args.mode == "eval":
+            with torch.no_grad():
                 logits, extra = model(tokens)
-                loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
-                (loss + 1e-6 * extra["aux_loss"]).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+        else:
+            logits, extra = model(tokens)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+            optimizer.backward(loss + 1e-6 * extra["aux_loss"])
+            optimizer.step()
+            optimizer.zero_grad()
         synchronize()
         if k >= args.warmup:
             times.append(time.perf_counter() - start)
@@ -188,6 +227,11 @@ def measure(args) -> dict:
     peak_mb = peak_memory_mb(device)
     batch_time = statistics.median(times)
     memory_per_layer = [round(statistics.mean(layer), 1) for layer in zip(*kept)]
+    flops = None
+    if device.type == "cuda" and args.mode == "train":
+        flops = train_flops_per_token(cfg, memory_per_layer, len(dictionary)) * B * M / batch_time
+        name = torch.cuda.get_device_name(device)
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     return {
         **identity(args),
         "device": str(device),
@@ -196,6 +240,7 @@ def measure(args) -> dict:
         "peak_memory_mb": peak_mb,
         "span_avg": statistics.mean(spans),
         "memory_per_layer": memory_per_layer,
+        **({"model_tflops": flops / 1e12, "mfu": flops / 1e12 / peak if peak else None} if flops else {}),
         **(
             {
                 "cache_speedup": statistics.median(twin_times) / batch_time,
@@ -220,7 +265,7 @@ def identity(args) -> dict:
 def run_in_subprocess(args, **overrides) -> dict:
     command = [sys.executable, __file__, "--measure"]
     for key, value in {**vars(args), **overrides}.items():
-        if key in ("measure", "json", "lengths", "models", "modes", "no_follow"):
+        if key in ("measure", "json", "lengths", "models", "modes", "no_follow", "dtypes"):
             continue
         if value is None:
             continue
@@ -236,25 +281,35 @@ def run_in_subprocess(args, **overrides) -> dict:
 
 
 def markdown(rows) -> str:
+    """One line per row; a bf16 row also gives its tokens/s and peak memory over the fp32 row measured with it."""
     lines = [
-        "| model | mode | L | tokens/s | vs authors | ms/batch | peak MB | span avg | memory/layer "
-        "| cache speed-up (bound) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | L | dtype | tokens/s | vs authors | vs fp32 (peak mem) | ms/batch | peak MB | span avg "
+        "| memory/layer | cache speed-up (bound) | model TFLOP/s (MFU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        head = f"| {r['model']} | {r['mode']} | {r['max_span']} |"
+        head = f"| {r['model']} | {r['mode']} | {r['max_span']} | {r['dtype']} |"
         if r.get("out_of_memory"):
-            lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | |")
+            lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | | | |")
             continue
         memory = sum(r["memory_per_layer"]) / len(r["memory_per_layer"])
         authors = (
             AUTHORS_TRAIN_TOKENS_PER_S.get((r["model"], r["max_span"])) if r["mode"] == "train" else None
         )
         versus = f"{r['tokens_per_s'] / authors:.2f}x" if authors and r["config"] == "cpu_small" else ""
+        fp32 = r.get("fp32")
+        vs_fp32 = (
+            f"{r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x ({r['peak_memory_mb'] / fp32['peak_memory_mb']:.2f}x)"
+            if fp32 and not fp32.get("out_of_memory")
+            else ""
+        )
         speedup = f"{r['cache_speedup']:.2f}x ({r['cache_bound']:.2f}x)" if "cache_speedup" in r else ""
+        utilization = ""
+        if "model_tflops" in r:
+            utilization = f"{r['model_tflops']:.0f}" + (f" ({100 * r['mfu']:.0f}%)" if r["mfu"] else "")
         lines.append(
-            f"{head} {r['tokens_per_s']:.0f} | {versus} | {r['batch_time_ms']:.0f} "
-            f"| {r['peak_memory_mb']:.0f} | {r['span_avg']:.0f} | {memory:.0f} | {speedup} |"
+            f"{head} {r['tokens_per_s']:.0f} | {versus} | {vs_fp32} | {r['batch_time_ms']:.0f} "
+            f"| {r['peak_memory_mb']:.0f} | {r['span_avg']:.0f} | {memory:.0f} | {speedup} | {utilization} |"
         )
     return "\n".join(lines)
 
@@ -278,7 +333,16 @@ def main():
         "--no-follow", action="store_true", help="skip the fixed-span runs at L = expire-span's mean span"
     )
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=["fp32"],
+        help="each row in each, side by side",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the GPU's peak for the MFU column (default: by name)"
+    )
     parser.add_argument("--json", type=Path, help="write all figures here")
     # internal: one measurement
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
@@ -286,6 +350,7 @@ def main():
     parser.add_argument("--mode", default="train", help=argparse.SUPPRESS)
     parser.add_argument("--max-span", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--eval-cache", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         try:
@@ -300,10 +365,16 @@ def main():
     rows = []
 
     def measured(**settings):
-        row = run_in_subprocess(args, **settings)
-        rows.append(row)
-        print(markdown([row]).splitlines()[-1], flush=True)
-        return row
+        """The row in each of --dtypes, one after the other; the first of them (fp32 if asked) is returned."""
+        first = None
+        for dtype in args.dtypes:
+            row = run_in_subprocess(args, dtype=dtype, **settings)
+            if dtype != "fp32" and first is not None and first["dtype"] == "fp32":
+                row["fp32"] = {k: first.get(k) for k in ("tokens_per_s", "peak_memory_mb", "out_of_memory")}
+            rows.append(row)
+            print(markdown([row]).splitlines()[-1], flush=True)
+            first = first or row
+        return first
 
     for length in args.lengths:
         for model in args.models:

@@ -28,3 +28,15 @@ def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
     (cached,) = [r for r in rows if r["model"] == "expire_span_lm" and r["mode"] == "eval+cache"]
     assert cached["cache_speedup"] > 0 and cached["cache_bound"] > 1
     assert "| cache speed-up (bound) |" in result.stdout
+
+
+def test_benchmark_puts_bf16_beside_fp32(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(
+        "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, "--models", "expire_span_lm",
+        "--modes", "train", "--no-follow", "--dtypes", "fp32", "bf16", "--batches", 2, "--warmup", 1, "--json", out,
+    )  # fmt: skip
+    fp32, bf16 = json.loads(out.read_text())
+    assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
+    assert bf16["fp32"]["tokens_per_s"] == fp32["tokens_per_s"] and bf16["tokens_per_s"] > 0
+    assert "| vs fp32 (peak mem) |" in result.stdout and "| bf16 |" in result.stdout

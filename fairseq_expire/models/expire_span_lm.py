@@ -326,16 +326,20 @@ class ExpireSpanDecoder(FairseqDecoder):
             [],
             [],
         )
+        updates = []
         for layer, memory in zip(self.layers, memories):
             out, keys, aux, attn_size = layer(x, memory, self.positions, mask_limit)
-            memory = update_memory(memory, x, keys, self.rule, deletion_limit, cache)
-            new_memories.append(memory)
-            kept.append(memory.valid.sum(1).float().mean())
+            updates.append((memory, x, keys))
             attended.append(attn_size)
             if keys.spans is not None:
                 spans_of_block.append(keys.spans[:, -x.size(1) :].detach())
                 aux_loss = aux_loss + aux
             x = out
+        # The memory's size is data-dependent (what survives): each update reads it on the host. Updating after
+        # the whole forward is queued keeps those syncs from draining a GPU's queue between layers.
+        for memory, block, keys in updates:
+            new_memories.append(update_memory(memory, block, keys, self.rule, deletion_limit, cache))
+            kept.append(new_memories[-1].valid.sum(1).float().mean())
         self._memory[self.training] = new_memories
 
         if self.final_norm is not None:

@@ -113,6 +113,28 @@ class _LogSoftMask(torch.autograd.Function):
         return torch.where(on_ramp, grad / mask, 0.0).sum(1) / ctx.ramp, None, None
 
 
+class _SoftmaxInFloat(torch.autograd.Function):
+    """``softmax(s + log m)`` over the keys (B x K x M x T scores, B x M x T fp32 log m) computed in fp32, returned
+    and saved in the scores' dtype.
+
+    In bf16 or fp16, plain autograd would keep both the fp32 probabilities and their low-precision copy (B x K x M
+    x T each) for the backward; the backward here runs in fp32 from the saved copy. In fp32 it is exactly
+    ``torch.softmax``.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, log_mask: Tensor) -> Tensor:
+        probs = torch.softmax(scores.float().add_(log_mask.unsqueeze(1)), dim=-1).to(scores.dtype)
+        ctx.save_for_backward(probs)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (probs,) = ctx.saved_tensors
+        grad_scores = torch._softmax_backward_data(grad.float(), probs.float(), -1, torch.float32)
+        return grad_scores.to(probs.dtype), grad_scores.sum(1)  # log m is shared by the heads
+
+
 def ramp_span_loss(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
     """``sum_{t on the ramp} r_{t,i} / R`` for each memory i (4.2 "Loss Computation"), in O(#memories).
 
@@ -247,12 +269,10 @@ class ExpireSpanAttention(nn.Module):
             last_visible = torch.floor(limit - first_distance)  # m > 0: t - i <= L
         # causal, self excluded: block key j is visible from query t only if j < t
         log_mask[..., -M:].masked_fill_(_not_before(M, block.device), -math.inf)
-        sees_something = (
-            log_mask.amax(-1, keepdim=True) > -math.inf
-        )  # B x M x 1: False only at a stream's start
-        everyone_sees = bool(sees_something.all())
-        if not everyone_sees:
-            log_mask = log_mask.masked_fill(~sees_something, 0.0)
+        # B x M x 1: False only at a stream's start. Applied unconditionally: testing for it first would stall a
+        # GPU's queue once per layer (host sync) to save one pass over B x M x T.
+        sees_something = log_mask.amax(-1, keepdim=True) > -math.inf
+        log_mask.masked_fill_(~sees_something, 0.0)
 
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
         k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
@@ -267,13 +287,11 @@ class ExpireSpanAttention(nn.Module):
                     torch.matmul(q, k[:, :, -2 * M :].transpose(-1, -2)) + positions.scores(q),
                 ],
                 dim=-1,
-            ).float()  # B x K x M x T
-            attn = torch.softmax(scores.add_(log_mask.unsqueeze(1)), dim=-1)
-            out = torch.matmul(self.dropout(attn).to(v.dtype), v)  # B x K x M x D
+            )  # B x K x M x T
+            out = torch.matmul(self.dropout(_SoftmaxInFloat.apply(scores, log_mask)), v)  # B x K x M x D
         else:
             out = fused_attention(q, k, v, log_mask, positions, self.dropout.p if self.training else 0.0)
-        if not everyone_sees:
-            out = out * sees_something.unsqueeze(1)
+        out = out * sees_something.unsqueeze(1)
         out = out.transpose(1, 2).reshape(B, M, -1)  # B x M x H
 
         with torch.no_grad():  # |C_t|: key i is visible to the queries max(0, 1 - d_i) <= t <= last_visible_i
