@@ -80,13 +80,18 @@ class Vocabulary:
         if self.pieces is not None:
             piece_of = {int(fairseq_id): piece_id for piece_id, fairseq_id in enumerate(self.pieces.ids)}
             processor = self.pieces.processor
+            line_start = [True]  # sentencepiece marks the start of every line with a space, decoding drops it
 
             def piece_text(i: int) -> str:
                 if i == eos:
+                    line_start[0] = True
                     return "\n"
                 if i not in piece_of:  # fairseq's specials and padding symbols
                     return self.dictionary[i]
-                return processor.id_to_piece(piece_of[i]).replace("\N{LOWER ONE EIGHTH BLOCK}", " ")
+                text = processor.id_to_piece(piece_of[i]).replace("\N{LOWER ONE EIGHTH BLOCK}", " ")
+                if line_start[0] and text:
+                    text, line_start[0] = text[1:] if text[0] == " " else text, False
+                return text
 
             return piece_text
         if self.unit not in TEXT_UNITS:  # words: their symbols, space-separated
