@@ -71,3 +71,29 @@ def test_beam_reordering_gives_each_hypothesis_its_memory():
         ]
         expected = run_stream(model, reordered, block=8)[:, 20:30]
     torch.testing.assert_close(torch.cat(continued, 1), expected, atol=1e-5, rtol=0)
+
+
+def resident_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_memory_stays_within_l_plus_r_and_rss_flat_however_long_the_generation(learned):
+    """3,000 tokens here (scripts/generate.py ran 100K, README); the bound holds from the first step on."""
+    L, R = 16, 4
+    model = varied_spans(make_model(learned=learned, block=8, max_span=L, ramp=R, init=0.5)).eval()
+    torch.manual_seed(3)
+    tokens = torch.randint(4, 12, (2, 3000))
+    state, largest = DecodingState(), 0
+    with torch.no_grad():
+        model.decoder.read(tokens[:, :20], state)
+        for i in range(20, tokens.size(1)):
+            model.decoder.read(tokens[:, i : i + 1], state)
+            largest = max(largest, max(len(memory) for memory in state.memories))
+            if i == 1000:
+                before = resident_mb()
+    assert largest <= L + R - 1 if learned else largest == L
+    assert resident_mb() - before < 2.0
