@@ -77,7 +77,7 @@ def test_token_by_token_log_probs_equal_eval_lm(trained):
         "--gen-subset", "valid", "--cpu",
     )  # fmt: skip
     eval_lm = float(re.search(r"Loss \(base 2\): ([0-9.]+)", result.stdout + result.stderr).group(1))
-    hub = ExpireSpanLanguageModel.from_pretrained(checkpoint, data_name_or_path=str(data))
+    hub = ExpireSpanLanguageModel.from_pretrained(checkpoint)  # the data directory recorded in the checkpoint
     model = hub.models[0]
     hub.task.load_dataset("valid")
     stream = hub.task.dataset("valid").tokens
@@ -96,21 +96,16 @@ def test_token_by_token_log_probs_equal_eval_lm(trained):
 
 def test_generate_script_streams_text_and_reports_speed_and_memory(trained):
     data, checkpoint = trained
-    result = run(
-        "python", "scripts/generate.py", "--checkpoint", checkpoint / "checkpoint_best.pt", "--data", data,
-        "--prompt", "abcd", "--max-tokens", 300, "--sampling-topp", 0.9, "--seed", 3, "--cpu",
-    )  # fmt: skip
+    command = ["scripts/generate.py", "--checkpoint", checkpoint / "checkpoint_best.pt", "--data", data]
+    sampling = ["--prompt", "abcd", "--max-tokens", 300, "--sampling-topp", 0.9, "--seed", 3, "--cpu"]
+    result = run("python", *command, *sampling)
     assert result.stdout.startswith("abcd") and len(result.stdout) >= 4 + 300 + 1  # a token: >= 1 character
     assert re.search(r"generated: 300 tokens in [0-9.]+ s \([0-9.]+ tokens/s\)", result.stderr)
     kept = [
         int(k) for k in re.search(r"memory kept per layer: ([0-9, ]+)", result.stderr).group(1).split(", ")
     ]
     assert len(kept) == 2 and all(0 < k <= 32 + 8 for k in kept)
-    again = run(
-        "python", "scripts/generate.py", "--checkpoint", checkpoint / "checkpoint_best.pt", "--data", data,
-        "--prompt", "abcd", "--max-tokens", 300, "--sampling-topp", 0.9, "--seed", 3, "--cpu",
-    )  # fmt: skip
-    assert again.stdout == result.stdout  # the seed decides
+    assert run("python", *command, *sampling).stdout == result.stdout  # the seed decides
     refused = run(
         "python", "scripts/generate.py", "--checkpoint", checkpoint / "checkpoint_best.pt",
         "--sampling-topp", 0, check=False,

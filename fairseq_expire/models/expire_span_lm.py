@@ -8,6 +8,7 @@ memory that persists across forward calls, and the statistics the criterion logs
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
@@ -506,10 +507,17 @@ class FixedSpanLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def from_pretrained(
-        cls, model_name_or_path, checkpoint_file="checkpoint_best.pt", data_name_or_path=".", **kwargs
+        cls, model_name_or_path, checkpoint_file="checkpoint_best.pt", data_name_or_path=None, **kwargs
     ):
         """fairseq's hub interface (``.sample()``, ``.score()``, ``.generate()``) over a fairseq-train save
-        directory; ``data_name_or_path``: the data directory (its dict.txt), relative to it or absolute."""
+        directory. ``data_name_or_path``: the data directory (its dict.txt), absolute or relative to the save
+        directory; by default the one the checkpoint was trained on (fairseq's default, the save directory
+        itself, has no dict.txt)."""
+        if data_name_or_path is None:
+            path = os.path.join(model_name_or_path, checkpoint_file)
+            data_name_or_path = os.path.abspath(
+                torch.load(path, map_location="cpu", mmap=True, weights_only=False)["cfg"]["task"]["data"]
+            )
         return super().from_pretrained(
             model_name_or_path, checkpoint_file=checkpoint_file, data_name_or_path=data_name_or_path, **kwargs
         )
