@@ -7,8 +7,11 @@ forward only, with and without the cached memory keys/values; the cached run als
 cache, alternating blocks in one process ("cache speed-up"; its peak memory includes the twin), next to the most
 it could be by multiply-add count ("bound"). Runs start at steady state (the memory is prefilled with what a long
 stream leaves in it), then ``--warmup`` blocks are not timed. For each expire-span run, a fixed-span run with
-L = its measured mean span S (at least the block M) shows whether cost follows the memory kept. Prints a
-Markdown table, with the ratio to the authors' implementation where the issue gives its figure, and writes JSON.
+L = its measured mean span S (at least the block M) shows whether cost follows the memory kept. Generation
+(``--modes generate``, one stream): tokens read one at a time from the prefilled memory, each through the output
+layer, timed per token ("ms/batch" is then ms per token); for expire-span also "generate-recompute", the way
+without incremental decoding: the whole unfinished block run again for every new token. Prints a Markdown table,
+with the ratio to the authors' implementation where the issue gives its figure, and writes JSON.
 
 ``--dtypes fp32 bf16`` measures each row in both, side by side: bf16 as ``fairseq-train --bf16`` runs it (the model
 converted to bf16, fairseq's FP16Optimizer with fp32 master weights; not autocast), with its tokens/s and peak
@@ -18,6 +21,7 @@ memory as ratios to the fp32 row. On CUDA, rows also give model FLOP/s (multiply
     python scripts/benchmark.py --lengths 1024 4096 16384 --json bench.json
     python scripts/benchmark.py --lengths 65536 --modes train --memory-limit-gb 8    # does it fit?
     python scripts/benchmark.py --lengths 16384 --modes train --models expire_span_lm --no-follow --dtypes fp32 bf16
+    python scripts/benchmark.py --lengths 16384 --modes generate                     # tokens/s generated
 """
 
 import argparse
@@ -153,6 +157,8 @@ def measure(args) -> dict:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     cfg = CONFIGS[args.config]
+    if args.mode.startswith("generate"):
+        cfg = {**cfg, "batch": 1}
     device = torch.device(args.device)
     torch.manual_seed(0)
     dictionary = Dictionary()
@@ -182,6 +188,10 @@ def measure(args) -> dict:
         model.decoder.cache_projections_in_eval = args.eval_cache
     else:
         model.train()
+    if args.mode.startswith("generate"):
+        model.eval()
+        prefill(model.decoder, B, cfg["init"], model.decoder.embed_tokens.weight)
+        return {**identity(args), "device": str(device), **measure_generation(args, model, device)}
     prefill(model.decoder, B, cfg["init"], model.decoder.embed_tokens.weight)
     # Evaluation with the cache is also timed against a twin without it, block by block in this process, so
     # that the speed-up is not a comparison of two moments of a shared machine.
@@ -192,8 +202,7 @@ def measure(args) -> dict:
     twin_times = []
 
     def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
 
     times, spans, kept = [], [], []
     for k in range(args.warmup + args.batches):
@@ -252,11 +261,65 @@ def measure(args) -> dict:
     }
 
 
+def measure_generation(args, model, device) -> dict:
+    """Tokens read one at a time after the prefilled memory, each to its next-token logits: incrementally
+    (``generate``), or by running the unfinished block again for every token (``generate-recompute``)."""
+    import torch
+
+    from fairseq_expire.models.expire_span_lm import DecodingState
+
+    decoder, M = model.decoder, model.decoder.block_size
+    tokens = torch.randint(4, len(decoder.dictionary), (1, args.warmup + args.generate_tokens), device=device)
+    state = DecodingState(memories=decoder.memory())
+    block = torch.full((1, M), decoder.dictionary.pad(), device=device)
+    committed = decoder.memory()  # recompute: the memory at the last block boundary
+    times, extra = [], None
+    with torch.no_grad():
+        for k in range(tokens.size(1)):
+            if k == args.warmup:
+                reset_peak_memory(device)
+            _synchronize(device)
+            start = time.perf_counter()
+            if args.mode == "generate":
+                features, extra = decoder.read(tokens[:, k : k + 1], state)
+                decoder.output_layer(features)
+            else:
+                t = k % M
+                block[:, t] = tokens[:, k]
+                decoder._memory[decoder.training] = committed
+                _, extra = model(block)
+                if t == M - 1:
+                    committed = decoder.memory()
+            _synchronize(device)
+            if k >= args.warmup:
+                times.append(time.perf_counter() - start)
+    token_time = statistics.median(times)
+    if args.mode == "generate":
+        spans = [m.spans[m.valid] for m in state.memories if m.spans is not None]
+        span = float(torch.cat(spans).mean()) if spans else float(decoder.rule.max_span)
+    else:
+        span = float(extra["span_avg"])
+    return {
+        "tokens_per_s": 1 / token_time,
+        "batch_time_ms": 1000 * token_time,
+        "peak_memory_mb": peak_memory_mb(device),
+        "span_avg": span,
+        "memory_per_layer": [round(float(x), 1) for x in extra["mem_sizes"]],
+    }
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def identity(args) -> dict:
     return {
         "config": args.config,
         "model": args.model,
-        "mode": args.mode + ("" if args.mode == "train" else ("+cache" if args.eval_cache else "")),
+        "mode": args.mode + ("+cache" if args.mode == "eval" and args.eval_cache else ""),
         "max_span": args.max_span,
         "dtype": args.dtype,
     }
@@ -321,8 +384,13 @@ def main():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu_small")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="max spans L")
     parser.add_argument("--models", nargs="+", default=["expire_span_lm", "fixed_span_lm"])
-    parser.add_argument("--modes", nargs="+", default=["train", "eval"], choices=["train", "eval"])
+    parser.add_argument(
+        "--modes", nargs="+", default=["train", "eval"], choices=["train", "eval", "generate"]
+    )
     parser.add_argument("--batches", type=int, default=8, help="timed batches (median reported)")
+    parser.add_argument(
+        "--generate-tokens", type=int, default=64, help="generate: timed tokens (median per token reported)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches first (after the prefill)")
     parser.add_argument(
         "--memory-limit-gb",
@@ -376,9 +444,20 @@ def main():
             first = first or row
         return first
 
+    def measured_generation(model, length):
+        row = measured(model=model, mode="generate", max_span=length, eval_cache=False)
+        if model == "expire_span_lm":
+            measured(model=model, mode="generate-recompute", max_span=length, eval_cache=False)
+            if not args.no_follow and not row.get("out_of_memory"):
+                span = max(round(row["span_avg"]), CONFIGS[args.config]["block"])  # L >= M
+                measured(model="fixed_span_lm", mode="generate", max_span=span, eval_cache=False)
+
     for length in args.lengths:
         for model in args.models:
             for mode in args.modes:
+                if mode == "generate":
+                    measured_generation(model, length)
+                    continue
                 caches = [True, False] if mode == "eval" and model == "expire_span_lm" else [mode == "eval"]
                 for cache in caches:
                     row = measured(model=model, mode=mode, max_span=length, eval_cache=cache)

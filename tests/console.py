@@ -13,8 +13,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ENV.pop("PYTHONPATH", None)
 
 
-def run(script: str, *args, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """``script`` (fairseq-train, fairseq-eval-lm, fairseq-preprocess...) from the installed environment."""
+def run(
+    script: str, *args, check: bool = True, timeout: int = 600, input: str = None
+) -> subprocess.CompletedProcess:
+    """``script`` (fairseq-train, fairseq-eval-lm, fairseq-preprocess...) from the installed environment, with
+    ``input`` on its standard input."""
     result = subprocess.run(
         [str(BIN / script), *map(str, args)],
         cwd=REPO,
@@ -22,6 +25,7 @@ def run(script: str, *args, check: bool = True, timeout: int = 600) -> subproces
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input,
     )
     if check and result.returncode != 0:
         raise AssertionError(

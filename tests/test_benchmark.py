@@ -40,3 +40,24 @@ def test_benchmark_puts_bf16_beside_fp32(tmp_path):
     assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
     assert bf16["fp32"]["tokens_per_s"] == fp32["tokens_per_s"] and bf16["tokens_per_s"] > 0
     assert "| vs fp32 (peak mem) |" in result.stdout and "| bf16 |" in result.stdout
+
+
+def test_benchmark_reports_generated_tokens_per_second_against_fixed_span_and_recompute(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(
+        "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, "--modes", "generate",
+        "--generate-tokens", 20, "--warmup", 2, "--json", out,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())
+    kinds = {(r["model"], r["mode"]) for r in rows}
+    assert {
+        ("expire_span_lm", "generate"),
+        ("expire_span_lm", "generate-recompute"),
+        ("fixed_span_lm", "generate"),
+    } <= kinds
+    followed = [r for r in rows if r["model"] == "fixed_span_lm" and r["max_span"] < 64]
+    assert followed and followed[0]["mode"] == "generate"  # L = S, the learned mean span (>= M)
+    for row in rows:
+        assert row["tokens_per_s"] > 0
+        assert all(0 < kept <= 64 + 8 for kept in row["memory_per_layer"])
+    assert "| generate-recompute |" in result.stdout

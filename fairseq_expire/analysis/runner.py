@@ -12,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from fairseq import checkpoint_utils, utils
@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fairseq_expire.data.streams import StreamLayout
 from fairseq_expire.prepare.output import RECORD
+from fairseq_expire.prepare.text import SentencePieceVocabulary
 from fairseq_expire.prepare.vocab import symbol_bytes, symbol_char, unknown_report
 
 logger = logging.getLogger(__name__)
@@ -34,18 +35,24 @@ class AnalysisError(SystemExit):
 
 @dataclass
 class Vocabulary:
-    """What the model's token ids stand for: ``unit`` is "bytes", "characters", or None (words, pieces)."""
+    """What the model's token ids stand for: ``unit`` is "bytes", "characters", "sentencepiece" (then ``pieces``
+    is the data's spm.model), or None (words)."""
 
     dictionary: Dictionary
     unit: Optional[str]
     newlines: str  # "eos": a newline is </s>; "drop": the data has none
+    pieces: Optional[SentencePieceVocabulary] = None
 
     def encode(self, text: str) -> Tensor:
         """Token ids of ``text`` (N), as the data preparation made them from the same text."""
+        if self.pieces is not None:
+            lines = text.split("\n")
+            ended = [(line, True) for line in lines[:-1]] + ([(lines[-1], False)] if lines[-1] else [])
+            return torch.tensor(self.pieces.encode_lines(ended), dtype=torch.long)
         if self.unit not in TEXT_UNITS:
             raise AnalysisError(
-                "error: text can be encoded only for byte- or character-level models; this dictionary has "
-                "other symbols (words or pieces): use --split with --offset/--length instead of --text"
+                "error: text can be encoded only for byte-, character- or sentencepiece-level models; this "
+                "dictionary has other symbols (words): use --split with --offset/--length instead of --text"
             )
         if self.newlines == "drop":
             text = text.replace("\n", "")
@@ -65,16 +72,38 @@ class Vocabulary:
             )
         return torch.tensor([ids_of[char.encode("utf-8")] for char in text], dtype=torch.long)
 
-    def token_strings(self, ids) -> List[str]:
-        """One display string per token; bytes of a multi-byte character show it at its last byte, "" before."""
-        ids = torch.as_tensor(ids).tolist()
-        if self.unit not in TEXT_UNITS:  # words or pieces: their symbols, space-separated
-            return ["\n" if i == self.dictionary.eos() else self.dictionary[i] + " " for i in ids]
+    def text_decoder(self) -> Callable[[int], str]:
+        """A function from each next token id to the text it adds, for text shown as it is made: the bytes of a
+        multi-byte character show it at its last byte ("" before), a sentencepiece piece its text with its
+        space, a word its symbol and a space."""
+        eos = self.dictionary.eos()
+        if self.pieces is not None:
+            piece_of = {int(fairseq_id): piece_id for piece_id, fairseq_id in enumerate(self.pieces.ids)}
+            processor = self.pieces.processor
+            line_start = [True]  # sentencepiece marks the start of every line with a space, decoding drops it
+
+            def piece_text(i: int) -> str:
+                if i == eos:
+                    line_start[0] = True
+                    return "\n"
+                if i not in piece_of:  # fairseq's specials and padding symbols
+                    return self.dictionary[i]
+                text = processor.id_to_piece(piece_of[i]).replace("\N{LOWER ONE EIGHTH BLOCK}", " ")
+                if line_start[0] and text:
+                    text, line_start[0] = text[1:] if text[0] == " " else text, False
+                return text
+
+            return piece_text
+        if self.unit not in TEXT_UNITS:  # words: their symbols, space-separated
+            return lambda i: "\n" if i == eos else self.dictionary[i] + " "
         table = symbol_bytes(self.dictionary, self.unit)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return [
-            decoder.decode(table[i] if table[i] is not None else self.dictionary[i].encode()) for i in ids
-        ]
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return lambda i: utf8.decode(table[i] if table[i] is not None else self.dictionary[i].encode())
+
+    def token_strings(self, ids) -> List[str]:
+        """One display string per token (see :meth:`text_decoder`)."""
+        decode = self.text_decoder()
+        return [decode(i) for i in torch.as_tensor(ids).tolist()]
 
     def text(self, ids) -> str:
         return "".join(self.token_strings(ids))
@@ -85,10 +114,13 @@ def vocabulary_of(data_dir: Path, dictionary: Dictionary) -> Vocabulary:
     record = Path(data_dir) / RECORD
     if record.is_file():
         tokenization = json.loads(record.read_text(encoding="utf-8")).get("tokenization", {})
-        unit = tokenization.get("unit")
-        return Vocabulary(
-            dictionary, unit if unit in TEXT_UNITS else None, tokenization.get("newlines", "eos")
-        )
+        unit, newlines = tokenization.get("unit"), tokenization.get("newlines", "eos")
+        if unit == "sentencepiece":
+            model = Path(data_dir) / tokenization.get("model", "spm.model")
+            return Vocabulary(
+                dictionary, unit, newlines, SentencePieceVocabulary(model.read_bytes(), newlines)
+            )
+        return Vocabulary(dictionary, unit if unit in TEXT_UNITS else None, newlines)
     symbols = [
         symbol
         for index, symbol in enumerate(dictionary.symbols)

@@ -8,6 +8,8 @@ memory that persists across forward calls, and the statistics the criterion logs
 
 import argparse
 import logging
+import os
+import sys
 from dataclasses import dataclass, field, fields
 from typing import List, Optional
 
@@ -18,7 +20,7 @@ from fairseq import options
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (
     ARCH_CONFIG_REGISTRY,
-    FairseqDecoder,
+    FairseqIncrementalDecoder,
     FairseqLanguageModel,
     register_model,
     register_model_architecture,
@@ -33,6 +35,8 @@ from fairseq_expire.modules.expire_span import (
     LayerMemory,
     RelativePositionTable,
     SpanRule,
+    StepMemory,
+    select_streams,
     update_memory,
 )
 from fairseq_expire.usage import check_batch_size, check_training_command
@@ -179,28 +183,62 @@ class ExpireSpanLayer(nn.Module):
     def feed_forward(self, x):
         return self.fc2(self.dropout(F.relu(self.fc1(x))))
 
+    def _norm(self, h):
+        """What attention sees: the normalized input in pre-norm layers, the input itself in post-norm ones."""
+        return self.attention_norm(h) if self.normalize_before else h
+
+    def _past(self, memory: LayerMemory):
+        """The projection of the memory: cached in evaluation, else recomputed with the current weights."""
+        return memory.projection or self.attention.project(self._norm(memory.hidden))
+
     def forward(self, x, memory: LayerMemory, positions, span_limit):
         """x: B x M x H, the layer input. Returns the output, the projection of [memory ; block], the span
         loss and |C_t|."""
-        norm = self.attention_norm if self.normalize_before else (lambda h: h)
-        past = memory.projection or self.attention.project(norm(memory.hidden))
         attended, keys, aux, attn_size = self.attention(
-            norm(x), past, memory.distance, memory.valid, positions, span_limit
+            self._norm(x), self._past(memory), memory.distance, memory.valid, positions, span_limit
         )
+        return self._residual_and_feed_forward(x, attended), keys, aux, attn_size
+
+    def step(self, x, memory, positions, span_limit):
+        """x: B x 1 x H, one new token per stream; ``memory`` a :class:`StepMemory`, or the :class:`LayerMemory`
+        whole blocks left. Returns the output and the memory for the next token."""
+        if isinstance(memory, LayerMemory):
+            memory = StepMemory.after_blocks(memory, self._past(memory))
+        attended, memory = self.attention.step(self._norm(x), memory, positions, span_limit)
+        return self._residual_and_feed_forward(x, attended), memory
+
+    def _residual_and_feed_forward(self, x, attended):
         if self.normalize_before:
             h = x + attended
-            out = h + self.feed_forward(self.ffn_norm(h))
-        else:
-            h = self.attention_norm(x + attended)
-            out = self.ffn_norm(h + self.feed_forward(h))
-        return out, keys, aux, attn_size
+            return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention_norm(x + attended)
+        return self.ffn_norm(h + self.feed_forward(h))
 
 
-class ExpireSpanDecoder(FairseqDecoder):
+@dataclass
+class DecodingState:
+    """One generation's streams (fairseq's incremental state): per layer, the :class:`LayerMemory` whole blocks
+    left (while only whole blocks were read), then the :class:`StepMemory` of token-by-token reading."""
+
+    memories: Optional[list] = None  # None: nothing read yet
+    length: int = 0  # tokens read per stream
+
+    def in_blocks(self) -> bool:
+        return self.memories is None or isinstance(self.memories[0], LayerMemory)
+
+    def memory_sizes(self) -> Optional[torch.Tensor]:
+        """Entries kept per layer, mean over streams (None before anything is read)."""
+        if self.memories is None:
+            return None
+        return torch.stack([memory.valid.sum(1).float().mean() for memory in self.memories])
+
+
+class ExpireSpanDecoder(FairseqIncrementalDecoder):
     """Decoder whose layers keep a per-stream memory from one forward call (block) to the next.
 
     The memory is a plain attribute (not a buffer: never saved, never broadcast), kept separately for training
-    and evaluation so that validation never disturbs the training streams.
+    and evaluation so that validation never disturbs the training streams. Generation keeps its own memory in a
+    :class:`DecodingState` instead (fairseq's ``incremental_state``).
     """
 
     def __init__(self, cfg, dictionary, learned_spans: bool):
@@ -280,9 +318,70 @@ class ExpireSpanDecoder(FairseqDecoder):
         """The memory of the current mode (training or evaluation), per layer."""
         return self._memory.get(self.training)
 
-    def forward(self, src_tokens, src_lengths=None, reset_memory: bool = False, **unused):
-        x, extra = self.extract_features(src_tokens, reset_memory=reset_memory)
+    def forward(
+        self, src_tokens, src_lengths=None, reset_memory: bool = False, incremental_state=None, **unused
+    ):
+        """A block of every stream (training, fairseq-eval-lm), with the memory carried from the last call.
+
+        For generation, fairseq's incremental decoding: with ``incremental_state``, ``src_tokens`` are all the
+        tokens so far (fairseq's convention) and only those not yet read are read (:meth:`read`). In evaluation, a
+        sequence of another length than a block with ``reset_memory`` is one new stream read whole (fairseq's
+        scorer: hub ``.score()``).
+        """
+        if incremental_state is not None:
+            state = self.get_incremental_state(incremental_state, "decoding") or DecodingState()
+            x, extra = self.read(src_tokens[:, state.length :], state)
+            self.set_incremental_state(incremental_state, "decoding", state)
+        elif reset_memory and not self.training and src_tokens.size(1) != self.block_size:
+            x, extra = self.read(src_tokens, DecodingState())
+        else:
+            x, extra = self.extract_features(src_tokens, reset_memory=reset_memory)
         return self.output_layer(x), extra
+
+    def read(self, tokens, state: "DecodingState"):
+        """Continue the streams of ``state`` with ``tokens`` (B x n), in evaluation: whole blocks go through
+        block processing while only whole blocks were read (a prompt), then tokens are read one at a time with
+        exactly the same masks, spans and position terms. Returns the features (B x n x H) and, per layer, the
+        entries kept (``mem_sizes``)."""
+        if self.training:
+            raise UsageError("decoding token by token is for evaluation: call model.eval() first")
+        B, n = tokens.shape
+        if state.memories is not None and len(state.memories[0].valid) != B:
+            raise UsageError(f"{B} streams, but the decoding state holds {len(state.memories[0].valid)}")
+        features, start = [], 0
+        while state.in_blocks() and n - start >= self.block_size:
+            block = tokens[:, start : start + self.block_size]
+            x, state.memories, _ = self._read_block(block, state.memories)
+            features.append(x)
+            start += self.block_size
+        for i in range(start, n):
+            features.append(self._read_token(tokens[:, i : i + 1], state))
+        state.length += n
+        x = (
+            torch.cat(features, dim=1)
+            if features
+            else tokens.new_zeros(B, 0, self.embed_tokens.embedding_dim)
+        )
+        return x, {"attn": None, "mem_sizes": state.memory_sizes()}
+
+    def _read_token(self, token, state: "DecodingState"):
+        """One token per stream (B x 1) through every layer; the memories become :class:`StepMemory`."""
+        x = self.embedding_dropout(self.embed_tokens(token))  # B x 1 x H
+        memories = self._current_memory(x, state.memories)
+        span_limit, _ = self._span_limits()  # evaluation: the inference cap, in the mask and in deletion
+        for i, layer in enumerate(self.layers):
+            x, memories[i] = layer.step(x, memories[i], self.positions, span_limit)
+        state.memories = memories
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.embedding_dropout(x)
+
+    def reorder_incremental_state(self, incremental_state, new_order):
+        """Beam search: every hypothesis carries the memory of the one it continues."""
+        state = self.get_incremental_state(incremental_state, "decoding")
+        if state is not None and state.memories is not None:
+            state.memories = [select_streams(memory, new_order) for memory in state.memories]
+            self.set_incremental_state(incremental_state, "decoding", state)
 
     def output_layer(self, features, **unused):
         if self.adaptive_softmax is not None:
@@ -297,15 +396,15 @@ class ExpireSpanDecoder(FairseqDecoder):
             return None, None
         return self.inference_max_span, self.inference_max_span
 
-    def _current_memory(self, x, reset: bool) -> List[LayerMemory]:
+    def _current_memory(self, x, memories) -> list:
+        """``memories`` for the B streams of ``x`` (B x M x H), or empty ones."""
         B, M, H = x.shape
-        memories = self.memory()
-        if memories is not None and not reset and memories[0].valid.size(0) != B:
+        if memories is not None and memories[0].valid.size(0) != B:
             logger.info(f"batch of {B} streams after {memories[0].valid.size(0)}: memory reset")
             memories = None
-        if memories is None or reset:
-            memories = [LayerMemory.empty(B, M, H, like=x) for _ in self.layers]
-        return memories
+        if memories is None:
+            memories = [LayerMemory.empty(B, self.block_size, H, like=x) for _ in self.layers]
+        return list(memories)
 
     def extract_features(self, src_tokens, reset_memory: bool = False, **unused):
         B, M = src_tokens.shape
@@ -314,8 +413,16 @@ class ExpireSpanDecoder(FairseqDecoder):
                 f"block of {M} tokens, but the model was built for --tokens-per-sample {self.block_size}: "
                 "use the block length the model was trained with"
             )
+        x, self._memory[self.training], extra = self._read_block(
+            src_tokens, None if reset_memory else self.memory()
+        )
+        return x, extra
+
+    def _read_block(self, src_tokens, memories):
+        """One block of every stream (B x M) after ``memories`` (None: empty): features, memories, statistics."""
+        B, M = src_tokens.shape
         x = self.embedding_dropout(self.embed_tokens(src_tokens))  # B x M x H
-        memories = self._current_memory(x, reset_memory)
+        memories = self._current_memory(x, memories)
         mask_limit, deletion_limit = self._span_limits()
 
         cache = not self.training and self.cache_projections_in_eval
@@ -340,7 +447,6 @@ class ExpireSpanDecoder(FairseqDecoder):
         for memory, block, keys in updates:
             new_memories.append(update_memory(memory, block, keys, self.rule, deletion_limit, cache))
             kept.append(new_memories[-1].valid.sum(1).float().mean())
-        self._memory[self.training] = new_memories
 
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -360,7 +466,7 @@ class ExpireSpanDecoder(FairseqDecoder):
             "mem_sizes": torch.stack(kept).detach(),  # entries kept per layer, mean over streams
             "attn_mem_avg": torch.stack(attended).mean(),  # paper's |C_t|, mean over layers
         }
-        return x, extra
+        return x, new_memories, extra
 
     def max_positions(self):
         return None  # streams have no length limit; the block length is the task's --tokens-per-sample
@@ -398,6 +504,27 @@ class FixedSpanLanguageModel(FairseqLanguageModel):
 
     def reset_memory(self):
         self.decoder.reset_memory()
+
+    def max_decoder_positions(self):
+        """No limit on what is generated: the memory stays bounded (fairseq's generators need a number)."""
+        return sys.maxsize
+
+    @classmethod
+    def from_pretrained(
+        cls, model_name_or_path, checkpoint_file="checkpoint_best.pt", data_name_or_path=None, **kwargs
+    ):
+        """fairseq's hub interface (``.sample()``, ``.score()``, ``.generate()``) over a fairseq-train save
+        directory. ``data_name_or_path``: the data directory (its dict.txt), absolute or relative to the save
+        directory; by default the one the checkpoint was trained on (fairseq's default, the save directory
+        itself, has no dict.txt)."""
+        if data_name_or_path is None:
+            path = os.path.join(model_name_or_path, checkpoint_file)
+            data_name_or_path = os.path.abspath(
+                torch.load(path, map_location="cpu", mmap=True, weights_only=False)["cfg"]["task"]["data"]
+            )
+        return super().from_pretrained(
+            model_name_or_path, checkpoint_file=checkpoint_file, data_name_or_path=data_name_or_path, **kwargs
+        )
 
 
 @register_model("expire_span_lm", dataclass=ExpireSpanLMConfig)

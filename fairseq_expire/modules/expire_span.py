@@ -10,8 +10,13 @@ distance to the block's first query. The last M entries are always the previous 
 position term (distances 1..M, paper 4.2 "Position Embedding") has a fixed layout. After each block a memory is
 deleted as soon as no query of the next block can see it (4.2 "Block Parallel"); each stream keeps exactly its own
 live entries, padded to the batch maximum and marked by ``valid``.
+
+Generation reads tokens one at a time (:class:`StepMemory`, :meth:`ExpireSpanAttention.step`): each new token is
+the query ``t`` of the same equations, over every memory it can still see, and a memory is deleted the step it
+expires, so a layer holds at most L + R - 1 entries whatever the length.
 """
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -183,6 +188,16 @@ class RelativePositionTable(nn.Module):
         strides = (*scores.stride()[:-2], row + column, column)
         scores.as_strided(band.shape, strides, scores.storage_offset()).add_(band)
 
+    def scores_at(self, query: Tensor, distance: Tensor) -> Tensor:
+        """``q . p_d`` for one query (B x K x 1 x D) and keys at distance d (B x N, any layout): B x K x 1 x N,
+        0 outside distances 1..M (older memories get no position term, as in block processing)."""
+        B, K = query.shape[:2]
+        table = torch.matmul(query, self.weight.to(query.dtype))  # B x K x 1 x M, column c: d = c + 1
+        index = (distance.long() - 1).clamp(0, self.block_size - 1)  # B x N
+        scores = table.gather(-1, index[:, None, None, :].expand(B, K, 1, -1))
+        near = (distance >= 1) & (distance <= self.block_size)
+        return scores * near[:, None, None, :]
+
 
 @dataclass
 class SpanRule:
@@ -191,6 +206,18 @@ class SpanRule:
     max_span: int  # L
     ramp: int  # R (expire-span only)
     learned: bool  # False: fixed span, m = 1 for 1 <= t - i <= L
+
+
+def alive(
+    spans: Optional[Tensor], next_distance: Tensor, rule: SpanRule, span_limit: Optional[float]
+) -> Tensor:
+    """Whether the next query, at ``next_distance`` (B x N), can see each memory: ``m > 0``, i.e. ``e_i + R > d'``
+    (expire-span, un-noised e capped at ``span_limit``), or ``d' <= L`` (fixed span)."""
+    if rule.learned:
+        spans = spans if span_limit is None else spans.clamp(max=span_limit)
+        return spans + rule.ramp > next_distance
+    limit = rule.max_span if span_limit is None else min(rule.max_span, span_limit)
+    return next_distance <= limit
 
 
 class ExpireSpanAttention(nn.Module):
@@ -300,6 +327,45 @@ class ExpireSpanAttention(nn.Module):
             attended = seen_by.sum() / (B * M)
         return self.out_proj(out), keys, aux, attended
 
+    def step(
+        self,
+        token: Tensor,  # B x 1 x H   (normalized if pre-norm)
+        memory: "StepMemory",  # N entries
+        positions: RelativePositionTable,
+        span_limit: Optional[float] = None,
+    ):
+        """One new token per stream: the query t of :meth:`forward`, over every memory it can see (earlier
+        tokens of its block included) with the same mask, spans and position term; then it joins the memory.
+
+        Returns the attention output (B x 1 x H) and the memory for the next token. ``span_limit``: the inference
+        cap, in the mask and in deletion (as block processing in evaluation).
+        """
+        B = token.size(0)
+        far = memory.distance.masked_fill(~memory.valid, math.inf)  # B x N: t - i, padding infinitely far
+        if self.rule.learned:
+            spans = memory.spans if span_limit is None else memory.spans.clamp(max=span_limit)
+            log_mask = _block_soft_mask(
+                spans - far, 1, self.rule.ramp
+            ).log_()  # B x 1 x N: log m, r = e - (t - i)
+        else:
+            limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
+            log_mask = torch.zeros_like(far).masked_fill_(far > limit, -math.inf).unsqueeze(1)  # t - i > L
+        sees_something = (log_mask > -math.inf).any(-1)  # B x 1: False only at a stream's start
+
+        q = self._heads(self.q_proj(token)) * self.head_dim**-0.5  # B x K x 1 x D
+        k, v = self._heads(memory.keys), self._heads(memory.values)  # B x K x N x D
+        # s = q.(k + p_{t-i}) / sqrt(D), the position term for distances 1..M; a' = softmax(s + log m)
+        scores = (torch.matmul(q, k.transpose(-1, -2)) + positions.scores_at(q, memory.distance)).float()
+        scores = scores + log_mask.masked_fill(~sees_something.unsqueeze(-1), 0.0).unsqueeze(
+            1
+        )  # B x K x 1 x N
+        attn = torch.softmax(scores, dim=-1)
+        out = (
+            torch.matmul(self.dropout(attn).to(v.dtype), v) * sees_something[:, None, :, None]
+        )  # B x K x 1 x D
+        out = out.transpose(1, 2).reshape(B, 1, -1)  # B x 1 x H
+        return self.out_proj(out), memory.advance(self.project(token), self.rule, span_limit)
+
 
 # The CPU flash kernel behind scaled_dot_product_attention, called directly for its log-sum-exp (the public
 # function does not return it). Where it is missing, or on other devices, attention takes the plain fused path.
@@ -367,6 +433,25 @@ def _not_before(block_size: int, device) -> Tensor:
     return torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu()
 
 
+def _survivors(keep: Tensor):
+    """Per-stream compaction of ``keep`` (B x N): the index of each stream's surviving entries in order
+    (B x kept, padding where a stream has fewer) and which slots are real (B x kept)."""
+    B, N = keep.shape
+    count = keep.sum(1)  # B
+    kept = int(count.max()) if N else 0
+    rank = torch.arange(1, kept + 1, device=keep.device).expand(B, -1).contiguous()
+    index = torch.searchsorted(keep.cumsum(1), rank).clamp(max=max(N - 1, 0))  # slot s: the (s+1)-th survivor
+    return index, rank <= count.unsqueeze(1)
+
+
+def _select_rows(source: Tensor, index: Tensor) -> Tensor:
+    """``source[b, index[b]]`` (B x N x ... -> B x N' x ...) as rows of the flattened batch: index_select copies
+    whole rows, a gather would index every element."""
+    B, N = source.shape[:2]
+    rows = (index + torch.arange(B, device=index.device).unsqueeze(1) * N).flatten()
+    return source.flatten(0, 1).index_select(0, rows).view(B, -1, *source.shape[2:])
+
+
 def update_memory(
     memory: LayerMemory,
     block: Tensor,
@@ -375,37 +460,26 @@ def update_memory(
     span_limit: Optional[float] = None,
     cache_projection: bool = False,
 ) -> LayerMemory:
-    """Delete memories no query of the next block can see; append the block; shift distances by M.
+    """Delete memories no query of the next block can see (:func:`alive`, at ``d' = d + M``); append the block;
+    shift distances by M.
 
-    Memory ``i`` survives iff ``m > 0`` for the next block's first query, at distance ``d' = d + M``:
-    ``e_i + R > d'`` (expire-span, un-noised ``e``), or ``d' <= L`` (fixed span). The block itself is always
-    kept (it is the next block's "previous block"). So a layer never holds more than L + R - 1 entries.
-    ``keys`` is the projection of [memory ; block] the attention used; with ``cache_projection`` (evaluation)
-    the surviving part is kept so the next block need not recompute it.
+    The block itself is always kept (it is the next block's "previous block"). So a layer never holds more than
+    L + R - 1 entries. ``keys`` is the projection of [memory ; block] the attention used; with
+    ``cache_projection`` (evaluation) the surviving part is kept so the next block need not recompute it.
     """
     B, M, _ = block.shape
     N = len(memory)
     next_distance = memory.distance + M  # B x N
-    if rule.learned:
-        spans = keys.spans[:, :N]
-        spans = spans if span_limit is None else spans.clamp(max=span_limit)
-        keep = memory.valid & (spans + rule.ramp > next_distance)
-    else:
-        limit = rule.max_span if span_limit is None else min(rule.max_span, span_limit)
-        keep = memory.valid & (next_distance <= limit)
+    spans = keys.spans[:, :N] if rule.learned else None
+    keep = memory.valid & alive(spans, next_distance, rule, span_limit)
 
-    # Per-stream compaction in one gather over [memory ; block]: slot s < kept takes the stream's (s+1)-th
-    # surviving entry (padding, marked invalid, where a stream has fewer), slot kept + j the block's entry j.
-    count = keep.sum(1)  # B
-    kept = int(count.max()) if N else 0
-    rank = torch.arange(1, kept + 1, device=block.device).expand(B, -1).contiguous()
-    survivors = torch.searchsorted(keep.cumsum(1), rank).clamp(max=max(N - 1, 0))  # B x kept
+    # one row selection over [memory ; block]: slot s < kept takes the stream's (s+1)-th surviving entry
+    # (padding, marked invalid, where a stream has fewer), slot kept + j the block's entry j
+    survivors, real = _survivors(keep)
     index = torch.cat([survivors, torch.arange(N, N + M, device=block.device).expand(B, -1)], dim=1)
-    # as rows of the flattened batch: index_select copies whole rows, a gather would index every element
-    rows = (index + torch.arange(B, device=block.device).unsqueeze(1) * (N + M)).flatten()  # B * (kept + M)
 
     def select(source: Tensor) -> Tensor:  # B x (N + M) x ... -> B x (kept + M) x ...
-        return source.flatten(0, 1).index_select(0, rows).view(B, -1, *source.shape[2:])
+        return _select_rows(source, index)
 
     projection = hidden = None
     if cache_projection:  # the hidden states are only needed to project them again
@@ -416,6 +490,58 @@ def update_memory(
     return LayerMemory(
         hidden=hidden,
         distance=select(torch.cat([next_distance, block_distance], dim=1)),
-        valid=torch.cat([rank <= count.unsqueeze(1), keep.new_ones(B, M)], dim=1),
+        valid=torch.cat([real, keep.new_ones(B, M)], dim=1),
         projection=projection,
     )
+
+
+@dataclass
+class StepMemory:
+    """What one layer remembers of each stream while tokens come one at a time (evaluation only).
+
+    Unlike :class:`LayerMemory` there is no block layout: the position term is looked up by distance, so every
+    memory is deleted the step no later query can see it, and a layer holds at most L + R - 1 entries.
+    """
+
+    keys: Tensor  # B x N x H
+    values: Tensor  # B x N x H
+    spans: Optional[Tensor]  # B x N   e_i (fp32; None for fixed spans)
+    distance: Tensor  # B x N   distance to the next query (fp32, >= 1)
+    valid: Tensor  # B x N   False for padding
+
+    @classmethod
+    def after_blocks(cls, memory: LayerMemory, past: Projection) -> "StepMemory":
+        """The memory left by whole blocks, ``past`` its projection: the next query is the next block's first."""
+        return cls(past.keys, past.values, past.spans, memory.distance, memory.valid)
+
+    def __len__(self) -> int:
+        return self.distance.size(1)
+
+    def advance(self, now: Projection, rule: SpanRule, span_limit: Optional[float]) -> "StepMemory":
+        """Append the token just read (``now``, B x 1), one step further for everyone, and delete what the next
+        query cannot see (:func:`alive`; the new token always survives its first step)."""
+        B = now.keys.size(0)
+        distance = torch.cat([self.distance, self.distance.new_zeros(B, 1)], dim=1) + 1  # B x (N + 1)
+        valid = torch.cat([self.valid, self.valid.new_ones(B, 1)], dim=1)
+        keys, values = torch.cat([self.keys, now.keys], 1), torch.cat([self.values, now.values], 1)
+        spans = torch.cat([self.spans, now.spans], 1) if rule.learned else None
+        keep = valid & alive(spans, distance, rule, span_limit)
+        if bool(keep.all()):
+            return StepMemory(keys, values, spans, distance, valid)
+        index, real = _survivors(keep)
+        select = functools.partial(_select_rows, index=index)
+        return StepMemory(
+            select(keys), select(values), select(spans) if rule.learned else None, select(distance), real
+        )
+
+
+def select_streams(memory, order: Tensor):
+    """The memory (:class:`LayerMemory` or :class:`StepMemory`) of streams ``order``, in that order: beam search
+    reorders and drops hypotheses, and each carries its own memory."""
+    changes = {}
+    for name, value in vars(memory).items():
+        if isinstance(value, Tensor):
+            changes[name] = value.index_select(0, order)
+        elif dataclasses.is_dataclass(value):
+            changes[name] = select_streams(value, order)
+    return dataclasses.replace(memory, **changes)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Optional
 
+import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils
 from fairseq.data.indexed_dataset import get_available_dataset_impl
@@ -20,6 +21,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
+from fairseq_expire.data.prompts import PromptDataset
 from fairseq_expire.data.streams import (
     StreamBatches,
     StreamEpochBatchIterator,
@@ -97,6 +99,7 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         self.dictionary = dictionary
         self.dictionary_md5 = dictionary_fingerprint(dictionary)
         self.arch = None  # set by build_model, named in the criterion guard's command
+        self.model_block_size = None  # set by build_model
 
     @classmethod
     def setup_task(cls, cfg: LanguageModelingWithMemoryConfig, **kwargs):
@@ -216,6 +219,19 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         ``num_shards`` / ``shard_id`` are the data-parallel world size and rank; every rank gets its own streams
         and the same number of batches. Shuffling does not apply: batches must come in stream order.
         """
+        if not isinstance(dataset, StreamSplit):  # prompts (fairseq-interactive, the hub): fairseq's batches
+            return super().get_batch_iterator(
+                dataset,
+                max_sentences=max_sentences,
+                seed=seed,
+                num_shards=num_shards,
+                shard_id=shard_id,
+                num_workers=num_workers,
+                epoch=epoch,
+                data_buffer_size=data_buffer_size,
+                skip_remainder_batch=skip_remainder_batch,
+                **unused,
+            )
         random_offset = self.cfg.stream_offset and dataset.name == self.cfg.train_subset
         return self._stream_iterator(
             dataset,
@@ -232,6 +248,12 @@ class LanguageModelingWithMemoryTask(FairseqTask):
     def _stream_iterator(
         self, split: StreamSplit, streams_per_rank, num_ranks, rank, epoch, offset_seed, **iterator_options
     ):
+        if self.model_block_size not in (None, self.cfg.tokens_per_sample):
+            raise UsageError(
+                f"--tokens-per-sample {self.cfg.tokens_per_sample}, but the checkpoint's model was trained with "
+                f"--tokens-per-sample {self.model_block_size} (its relative-position table covers one block): "
+                f"use --tokens-per-sample {self.model_block_size}"
+            )
         self._check_streams(split, streams_per_rank, num_ranks, offset_seed is not None)
         streams = streams_per_rank * num_ranks
         batches = StreamBatches(
@@ -312,7 +334,8 @@ class LanguageModelingWithMemoryTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         """Refuse a model without memory, and in training every split and shard that would fail later, before the
-        model is built; a checkpoint's model must use this task's block length."""
+        model is built. The block length of a checkpoint's model is checked where streams are cut into blocks
+        (generation reads prompts of any length)."""
         self.arch = getattr(cfg, "_name", None)
         if not callable(getattr(ARCH_MODEL_REGISTRY.get(self.arch), "reset_memory", None)):
             raise UsageError(
@@ -322,12 +345,7 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         if not from_checkpoint:
             self._check_training_data()
         model = super().build_model(cfg, from_checkpoint)
-        if model.decoder.block_size != self.cfg.tokens_per_sample:
-            raise UsageError(
-                f"--tokens-per-sample {self.cfg.tokens_per_sample}, but the checkpoint's model was trained with "
-                f"--tokens-per-sample {model.decoder.block_size} (its relative-position table covers one block): "
-                f"use --tokens-per-sample {model.decoder.block_size}"
-            )
+        self.model_block_size = model.decoder.block_size
         return model
 
     def build_criterion(self, cfg, **kwargs):
@@ -341,6 +359,21 @@ class LanguageModelingWithMemoryTask(FairseqTask):
 
     def max_positions(self):
         return None  # streams have any length; the block length is --tokens-per-sample
+
+    def build_dataset_for_inference(self, src_tokens, src_lengths, **kwargs):
+        """Prompts, each a new stream after ``</s>`` (fairseq-interactive, the hub's ``.sample()``/``.score()``)."""
+        return PromptDataset(src_tokens, self.dictionary.eos(), self.dictionary.pad())
+
+    def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
+        """Generation continues each prompt: its tokens are forced as the generator's prefix, after ``</s>``."""
+        if constraints is not None:
+            raise UsageError("--constraints does not apply to language models: leave it out")
+        if prefix_tokens is None:
+            prefix_tokens = sample["net_input"]["src_tokens"][:, 1:]  # without the leading </s>
+        with torch.no_grad():
+            return generator.generate(
+                models, sample, prefix_tokens=prefix_tokens, bos_token=self.dictionary.eos()
+            )
 
     @property
     def source_dictionary(self):

@@ -1,0 +1,99 @@
+"""Token-by-token decoding (generation) against block processing, and its memory bound."""
+
+import pytest
+import torch
+from test_expire_span import make_model, run_stream
+
+from fairseq_expire.models.expire_span_lm import DecodingState
+
+
+def varied_spans(model, seed=0):
+    """Spans that differ from token to token (a fresh model's are all p * L), so that expiry is tested."""
+    torch.manual_seed(seed)
+    for layer in model.decoder.layers:
+        predictor = layer.attention.span_predictor
+        if predictor is not None:
+            predictor.proj.weight.data.normal_(0, 1.0)
+    return model
+
+
+def log_probs(model, logits):
+    return model.get_normalized_probs((logits, None), log_probs=True)
+
+
+def read_in_pieces(model, tokens, prompt):
+    """The prompt at once (whole blocks in block processing, the rest token by token), then one token a call."""
+    state = DecodingState()
+    with torch.no_grad():
+        features = [model.decoder.read(tokens[:, :prompt], state)[0]]
+        features += [
+            model.decoder.read(tokens[:, i : i + 1], state)[0] for i in range(prompt, tokens.size(1))
+        ]
+    return model.decoder.output_layer(torch.cat(features, dim=1)), state
+
+
+CASES = {
+    "expire_span": dict(learned=True, layers=2),
+    "expire_span_pre_norm": dict(learned=True, layers=2, decoder_normalize_before=True),
+    "expire_span_inference_cap": dict(learned=True, layers=2, inference_max_span=6),
+    "fixed_span": dict(learned=False, layers=2, max_span=12),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("prompt", [0, 5, 16, 21])
+def test_token_by_token_log_probs_equal_block_processing(case, prompt):
+    """Tolerance 1e-5 on log-probabilities (fp32; the two paths use different attention kernels)."""
+    model = varied_spans(make_model(block=8, ramp=4, **{"max_span": 32, **CASES[case]})).eval()
+    torch.manual_seed(1)
+    tokens = torch.randint(4, 12, (2, 48))
+    with torch.no_grad():
+        blocks = log_probs(model, run_stream(model, tokens, block=8))
+    steps, state = read_in_pieces(model, tokens, prompt)
+    torch.testing.assert_close(log_probs(model, steps), blocks, atol=1e-5, rtol=0)
+    assert state.length == 48
+
+
+def test_beam_reordering_gives_each_hypothesis_its_memory():
+    model = varied_spans(make_model(block=8, layers=2)).eval()
+    torch.manual_seed(2)
+    tokens = torch.randint(4, 12, (3, 32))
+    incremental_state = {}
+    with torch.no_grad():
+        for step in range(20):
+            model.decoder(tokens[:, : step + 1], incremental_state=incremental_state)
+        order = torch.tensor([2, 2, 0])
+        model.decoder.reorder_incremental_state_scripting(incremental_state, order)
+        reordered = tokens[order]
+        continued = [
+            model.decoder(reordered[:, : step + 1], incremental_state=incremental_state)[0]
+            for step in range(20, 30)
+        ]
+        expected = run_stream(model, reordered, block=8)[:, 20:30]
+    torch.testing.assert_close(torch.cat(continued, 1), expected, atol=1e-5, rtol=0)
+
+
+def resident_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.parametrize("learned", [True, False])
+def test_memory_stays_within_l_plus_r_and_rss_flat_however_long_the_generation(learned):
+    """3,000 tokens here (scripts/generate.py ran 100K, README); the bound holds from the first step on."""
+    L, R = 16, 4
+    model = varied_spans(make_model(learned=learned, block=8, max_span=L, ramp=R, init=0.5)).eval()
+    torch.manual_seed(3)
+    tokens = torch.randint(4, 12, (2, 3000))
+    state, largest = DecodingState(), 0
+    with torch.no_grad():
+        model.decoder.read(tokens[:, :20], state)
+        for i in range(20, tokens.size(1)):
+            model.decoder.read(tokens[:, i : i + 1], state)
+            largest = max(largest, max(len(memory) for memory in state.memories))
+            if i == 1000:
+                before = resident_mb()
+    assert largest <= L + R - 1 if learned else largest == L
+    assert resident_mb() - before < 2.0
