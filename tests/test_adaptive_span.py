@@ -6,9 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_expire_span import keep_everything, make_dictionary, reference_attention, run_stream
+from fairseq.models import ARCH_MODEL_REGISTRY
+from test_expire_span import keep_everything, make_dictionary, preset_args, reference_attention, run_stream
 
 import fairseq_expire.models.expire_span_lm as lm
+from fairseq_expire.criterions.expire_span_cross_entropy import ExpireSpanCrossEntropyCriterion
 from fairseq_expire.errors import UsageError
 from fairseq_expire.models.adaptive_span_lm import AdaptiveSpanLanguageModel, AdaptiveSpanLMConfig
 from fairseq_expire.modules.expire_span import LayerMemory
@@ -136,3 +138,28 @@ def test_adaptive_spans_are_kept_in_0_L_and_their_l1_loss_is_the_mean_over_heads
 def test_adaptive_span_bad_values_are_refused_with_one_line(option, value, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make_adaptive(**{option: value})
+
+
+def test_a_negative_adaptive_span_loss_is_refused():
+    with pytest.raises(UsageError, match=r"--adaptive-span-loss -1.0: must be >= 0"):
+        ExpireSpanCrossEntropyCriterion(
+            SimpleNamespace(target_dictionary=make_dictionary()), adaptive_span_loss=-1.0
+        )
+
+
+@pytest.mark.parametrize(
+    "arch",
+    ["adaptive_span_lm_enwik8", "adaptive_span_lm_tiny", "compressive_lm_enwik8", "compressive_lm_tiny"],
+)
+def test_every_baseline_preset_builds_and_the_enwik8_ones_have_the_expire_span_model_size(arch):
+    """Paper 5.1: the same Transformer-XL under every memory scheme, so the enwik8 presets have its 38M params."""
+    args = preset_args(arch)
+    model_class = ARCH_MODEL_REGISTRY[arch]
+    config_class = model_class.__dataclass
+    config = config_class(**{k: v for k, v in vars(args).items() if k in config_class.__dataclass_fields__})
+    config.tokens_per_sample = 512 if arch.endswith("enwik8") else 16
+    with torch.device("meta"):
+        model = model_class.build_model(config, SimpleNamespace(target_dictionary=make_dictionary(252)))
+    parameters = sum(p.numel() for p in model.parameters())
+    if arch.endswith("enwik8"):
+        assert 37e6 < parameters < 39e6

@@ -1,0 +1,62 @@
+"""adaptive_span_lm and compressive_lm through the real fairseq-train and fairseq-eval-lm: the same task,
+criterion and memory figures as expire_span_lm, bounded memory, every token scored once."""
+
+import math
+import random
+import re
+
+import pytest
+from console import json_logs, make_data_bin, run, train_command
+from test_task_cli import BLOCK, direct_loss, eval_lm, split_tokens
+
+pytestmark = pytest.mark.slow
+
+# arch -> (extra options, bound on the entries a layer keeps)
+BASELINES = {
+    "adaptive_span_lm_tiny": (("--adaptive-span-loss", 0.01, "--adaptive-span-init", 0.5), 64 + 8),  # L + R
+    "compressive_lm_tiny": ((), 16 + 8),  # n_mem + n_cmem
+}
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcdefghijklmnop") for _ in range(3800))
+    return make_data_bin(tmp_path_factory.mktemp("baselines"), text[:3000], text[3000:], line_length=97)
+
+
+@pytest.mark.parametrize("arch", sorted(BASELINES))
+def test_trains_logs_the_memory_figures_and_eval_lm_scores_every_token_once(data_bin, tmp_path, arch):
+    extra, bound = BASELINES[arch]
+    result = run(
+        "fairseq-train",
+        *train_command(data_bin, tmp_path, *extra, arch=arch, updates=10, block=BLOCK, batch=4),
+        "--best-checkpoint-metric",
+        "nll_loss",
+    )
+    output = result.stdout + result.stderr
+    fields = {"loss", "nll_loss", "span_avg", "span_max", "mem_avg", "mem_l0", "mem_l1", "attn_mem_avg"}
+    for tag in ("train_inner", "train", "valid"):
+        record = {
+            key.replace(f"{tag}_", "").replace("train_", ""): value
+            for key, value in json_logs(output, tag)[-1].items()
+        }
+        assert fields <= record.keys(), tag
+        assert 0 < float(record["mem_l0"]) <= bound and 0 < float(record["mem_l1"]) <= bound
+        if arch.startswith("adaptive"):
+            heads = [float(record[f"span_l{i}_h{k}"]) for i in range(2) for k in range(2)]
+            assert all(0 <= z <= 64 for z in heads)
+            if tag != "valid":  # coefficient x the L1 of z (mean over heads, summed over layers), in bits
+                expected = 0.01 * sum(heads) / 2 / math.log(2)
+                assert float(record["adaptive_span_loss"]) == pytest.approx(expected, rel=0.05, abs=2e-4)
+
+    streams = 3
+    checkpoint = tmp_path / "checkpoint_last.pt"
+    evaluation = eval_lm(data_bin, checkpoint, "--batch-size", streams)
+    output = evaluation.stdout + evaluation.stderr
+    evaluated = int(re.search(r"Evaluated ([\d,]+) tokens", output).group(1).replace(",", ""))
+    loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", output).group(1))
+    assert evaluated == len(split_tokens(data_bin, "valid")) - streams
+    expected_loss, count = direct_loss(checkpoint, data_bin, streams)
+    assert count == evaluated
+    assert loss == pytest.approx(expected_loss, abs=2e-4)
