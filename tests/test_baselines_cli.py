@@ -6,8 +6,16 @@ import random
 import re
 
 import pytest
-from console import json_logs, make_data_bin, run, train_command
+from console import REPO, json_logs, make_data_bin, run, train_command
 from test_task_cli import BLOCK, direct_loss, eval_lm, split_tokens
+
+from fairseq_expire.launch.fairseq_args import (
+    grid_point_args,
+    parse_train_args,
+    with_json_logs,
+    with_user_dir,
+)
+from fairseq_expire.launch.sweep import expand, load_grid
 
 pytestmark = pytest.mark.slow
 
@@ -60,3 +68,17 @@ def test_trains_logs_the_memory_figures_and_eval_lm_scores_every_token_once(data
     expected_loss, count = direct_loss(checkpoint, data_bin, streams)
     assert count == evaluated
     assert loss == pytest.approx(expected_loss, abs=2e-4)
+
+
+def test_the_comparison_grid_is_one_command_line_every_model_accepts(tmp_path):
+    spec = load_grid([str(REPO / "sweeps" / "enwik8_baselines.yaml")])
+    points = expand(spec.grid)
+    assert sorted(point["arch"].split("_lm")[0] for point in points) == sorted(
+        ["expire_span", "fixed_span", "adaptive_span", "compressive"]
+    )
+    fixed = [
+        str(tmp_path) if arg == "data-bin/enwik8" else arg for arg in spec.fairseq_args
+    ]  # not prepared here
+    args = with_user_dir(with_json_logs(fixed))
+    for point in points:
+        parse_train_args(args + grid_point_args(point), point["arch"], list(spec.grid))

@@ -32,7 +32,7 @@ class ExpireSpanCrossEntropyConfig(FairseqDataclass):
         default=0.0,
         metadata={
             "help": "adaptive_span_lm: coefficient of the L1 loss on the heads' spans z (mean over heads, sum "
-            "over layers, added per batch as in Adaptive-Span); 0: no penalty"
+            "over layers, added per batch as in Adaptive-Span; its enwik8 scripts use 5e-7); 0: no penalty"
         },
     )
 
