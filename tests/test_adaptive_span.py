@@ -7,7 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fairseq.models import ARCH_MODEL_REGISTRY
-from test_expire_span import keep_everything, make_dictionary, preset_args, reference_attention, run_stream
+from test_expire_span import (
+    keep_everything,
+    layer_options,
+    make_dictionary,
+    preset_args,
+    reference_attention,
+    run_stream,
+)
 
 import fairseq_expire.models.expire_span_lm as lm
 from fairseq_expire.criterions.expire_span_cross_entropy import ExpireSpanCrossEntropyCriterion
@@ -18,16 +25,7 @@ from fairseq_expire.modules.expire_span import LayerMemory
 
 def adaptive_config(block=6, layers=1, max_span=20, ramp=3, init=0.0, **overrides):
     options = dict(
-        tokens_per_sample=block,
-        decoder_layers=layers,
-        decoder_embed_dim=16,
-        decoder_ffn_embed_dim=32,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
-        max_span=max_span,
-        adaptive_span_ramp=ramp,
-        adaptive_span_init=init,
+        layer_options(block, layers), max_span=max_span, adaptive_span_ramp=ramp, adaptive_span_init=init
     )
     return AdaptiveSpanLMConfig(**{**options, **overrides})
 

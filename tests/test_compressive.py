@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_expire_span import make_dictionary, run_stream
+from test_expire_span import layer_options, make_dictionary, run_stream
 
 from fairseq_expire.errors import UsageError
 from fairseq_expire.models.compressive_lm import CompressiveLanguageModel, CompressiveLMConfig
@@ -16,16 +16,7 @@ from fairseq_expire.modules.expire_span import LayerMemory
 
 def make_compressive(block=4, mem_size=8, cmem_size=3, rate=2, **overrides):
     options = dict(
-        tokens_per_sample=block,
-        decoder_layers=2,
-        decoder_embed_dim=16,
-        decoder_ffn_embed_dim=32,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
-        mem_size=mem_size,
-        cmem_size=cmem_size,
-        compression_rate=rate,
+        layer_options(block, layers=2), mem_size=mem_size, cmem_size=cmem_size, compression_rate=rate
     )
     cfg = CompressiveLMConfig(**{**options, **overrides})
     return CompressiveLanguageModel.build_model(cfg, SimpleNamespace(target_dictionary=make_dictionary()))

@@ -30,9 +30,9 @@ def make_dictionary(size=12):
     return dictionary
 
 
-def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, **overrides):
-    config_class = lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig
-    options = dict(
+def layer_options(block, layers=1) -> dict:
+    """The small layers every memory scheme's unit tests use."""
+    return dict(
         tokens_per_sample=block,
         decoder_layers=layers,
         decoder_embed_dim=16,
@@ -40,8 +40,12 @@ def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, 
         decoder_attention_heads=2,
         dropout=0.0,
         attention_dropout=0.0,
-        max_span=max_span,
     )
+
+
+def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, **overrides):
+    config_class = lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig
+    options = dict(layer_options(block, layers), max_span=max_span)
     if learned:
         options.update(expire_span_ramp=ramp, expire_span_init_percentage=init)
     options.update(overrides)

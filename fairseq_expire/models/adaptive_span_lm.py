@@ -12,6 +12,8 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_
 
 from fairseq_expire.models.expire_span_lm import (
     AT_LEAST_ONE,
+    ENWIK8_LAYERS,
+    TINY_LAYERS,
     ExpireSpanDecoder,
     FixedSpanLanguageModel,
     FixedSpanLMConfig,
@@ -91,12 +93,7 @@ def adaptive_span_lm_enwik8(args):
     per head, L = 16K, R = 32 (Adaptive-Span's ramp)."""
     _set_defaults(
         args,
-        decoder_layers=12,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=2048,
-        decoder_attention_heads=8,
-        dropout=0.3,
-        attention_dropout=0.3,
+        **ENWIK8_LAYERS,
         max_span=16384,
         adaptive_span_ramp=32,
     )
@@ -108,12 +105,7 @@ def adaptive_span_lm_tiny(args):
     """For tests and the demo corpus: 2 layers, 32 wide, L = 64, R = 8."""
     _set_defaults(
         args,
-        decoder_layers=2,
-        decoder_embed_dim=32,
-        decoder_ffn_embed_dim=64,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
+        **TINY_LAYERS,
         max_span=64,
         adaptive_span_ramp=8,
     )

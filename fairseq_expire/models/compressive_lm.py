@@ -13,6 +13,8 @@ from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_
 from fairseq_expire.errors import UsageError
 from fairseq_expire.models.expire_span_lm import (
     AT_LEAST_ONE,
+    ENWIK8_LAYERS,
+    TINY_LAYERS,
     ExpireSpanDecoder,
     FixedSpanLanguageModel,
     MemoryLMConfig,
@@ -90,12 +92,7 @@ def compressive_lm_enwik8(args):
     512 raw memories and 2K compressed by 4 (8.5K reach)."""
     _set_defaults(
         args,
-        decoder_layers=12,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=2048,
-        decoder_attention_heads=8,
-        dropout=0.3,
-        attention_dropout=0.3,
+        **ENWIK8_LAYERS,
         mem_size=512,
         cmem_size=2048,
         compression_rate=4,
@@ -108,12 +105,7 @@ def compressive_lm_tiny(args):
     """For tests and the demo corpus: 2 layers, 32 wide, 16 raw memories and 8 compressed by 4."""
     _set_defaults(
         args,
-        decoder_layers=2,
-        decoder_embed_dim=32,
-        decoder_ffn_embed_dim=64,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
+        **TINY_LAYERS,
         mem_size=16,
         cmem_size=8,
         compression_rate=4,

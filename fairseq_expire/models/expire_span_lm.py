@@ -468,6 +468,26 @@ def _set_defaults(args, **defaults):
             setattr(args, name, value)
 
 
+# The layers of the paper's enwik8 model (Table 2, 38M params on bytes) and of the tests' tiny one, shared by every
+# memory scheme's preset (paper 5.1: the same Transformer-XL under each).
+ENWIK8_LAYERS = dict(
+    decoder_layers=12,
+    decoder_embed_dim=512,
+    decoder_ffn_embed_dim=2048,
+    decoder_attention_heads=8,
+    dropout=0.3,
+    attention_dropout=0.3,
+)
+TINY_LAYERS = dict(
+    decoder_layers=2,
+    decoder_embed_dim=32,
+    decoder_ffn_embed_dim=64,
+    decoder_attention_heads=2,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
+
+
 # register_model(name, dataclass) registers a no-op architecture of the same name; give it the guard too.
 ARCH_CONFIG_REGISTRY["expire_span_lm"] = _guard(lambda args: None)
 ARCH_CONFIG_REGISTRY["fixed_span_lm"] = _guard(lambda args: None)
@@ -479,12 +499,7 @@ def expire_span_lm_enwik8(args):
     """Paper Table 2: 12 layers, 512 wide, 8 heads, L = 16K, R = 128, noisy spans; 38M params on bytes."""
     _set_defaults(
         args,
-        decoder_layers=12,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=2048,
-        decoder_attention_heads=8,
-        dropout=0.3,
-        attention_dropout=0.3,
+        **ENWIK8_LAYERS,
         max_span=16384,
         expire_span_ramp=128,
         expire_span_noisy=True,
@@ -574,12 +589,7 @@ def expire_span_lm_tiny(args):
     """For tests and the demo: 2 layers, 32 wide, L = 64, R = 8."""
     _set_defaults(
         args,
-        decoder_layers=2,
-        decoder_embed_dim=32,
-        decoder_ffn_embed_dim=64,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
+        **TINY_LAYERS,
         max_span=64,
         expire_span_ramp=8,
     )
@@ -591,12 +601,7 @@ def fixed_span_lm_enwik8(args):
     """The paper's Transformer-XL 12L baseline (Table 2): as expire_span_lm_enwik8 with a fixed span."""
     _set_defaults(
         args,
-        decoder_layers=12,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=2048,
-        decoder_attention_heads=8,
-        dropout=0.3,
-        attention_dropout=0.3,
+        **ENWIK8_LAYERS,
         max_span=512,
     )
 
@@ -607,11 +612,6 @@ def fixed_span_lm_tiny(args):
     """For tests: the tiny preset with a fixed span of 64."""
     _set_defaults(
         args,
-        decoder_layers=2,
-        decoder_embed_dim=32,
-        decoder_ffn_embed_dim=64,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
+        **TINY_LAYERS,
         max_span=64,
     )
