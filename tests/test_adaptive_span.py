@@ -161,3 +161,9 @@ def test_every_baseline_preset_builds_and_the_enwik8_ones_have_the_expire_span_m
     parameters = sum(p.numel() for p in model.parameters())
     if arch.endswith("enwik8"):
         assert 37e6 < parameters < 39e6
+
+
+def test_evaluation_reads_spans_saved_outside_0_L_as_clamped():
+    model = make_adaptive(fractions=[-0.5, 1.5], max_span=20).eval()
+    _, extra = model(torch.randint(4, 12, (2, 6)))
+    assert extra["head_spans"].tolist() == [[0.0, 20.0]]

@@ -25,12 +25,14 @@ class HeadSpans(nn.Module):
 
     @torch.no_grad()
     def project_(self) -> None:
-        """Clamp ``f`` into [0, 1] (projected gradient: the reference clamps after every update; the mask itself
-        is unclamped in ``z``, so a span at 0 still gets the gradient that lets it grow)."""
+        """Clamp ``f`` into [0, 1] before it is used (projected gradient, as the reference clamps after every
+        update): a span pushed below 0 comes back to 0, where it still gets the gradient that lets it grow."""
         self.fraction.clamp_(0.0, 1.0)
 
     def spans(self) -> Tensor:  # K, fp32
-        return self.max_span * self.fraction.float()
+        """In training ``f`` is already in [0, 1] (the clamp passes its gradient there, bounds included); in
+        evaluation the clamp covers weights saved after an update that left [0, 1]."""
+        return self.max_span * self.fraction.float().clamp(0.0, 1.0)
 
     def forward(self, hidden: Tensor) -> Tensor:
         """B x T x H -> B x T: the largest head span for every position, which decides what the memory keeps."""
