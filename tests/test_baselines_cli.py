@@ -1,9 +1,11 @@
 """adaptive_span_lm and compressive_lm through the real fairseq-train and fairseq-eval-lm: the same task,
 criterion and memory figures as expire_span_lm, bounded memory, every token scored once."""
 
+import json
 import math
 import random
 import re
+from pathlib import Path
 
 import pytest
 from console import REPO, json_logs, make_data_bin, run, train_command
@@ -18,6 +20,8 @@ from fairseq_expire.launch.fairseq_args import (
 from fairseq_expire.launch.sweep import expand, load_grid
 
 pytestmark = pytest.mark.slow
+
+LICENSES = Path("/usr/share/common-licenses")
 
 # arch -> (extra options, bound on the entries a layer keeps)
 BASELINES = {
@@ -82,3 +86,19 @@ def test_the_comparison_grid_is_one_command_line_every_model_accepts(tmp_path):
     args = with_user_dir(with_json_logs(fixed))
     for point in points:
         parse_train_args(args + grid_point_args(point), point["arch"], list(spec.grid))
+
+
+def test_the_figure_7_analog_script_trains_and_scores_each_model(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("GPL-3", "Apache-2.0"):
+        (corpus / name).write_bytes((LICENSES / name).read_bytes())
+    out = tmp_path / "rows.json"
+    # fmt: off
+    run("python", "scripts/compare_memory.py", "--corpus", corpus, "--work", tmp_path / "work", "--sizes", 68,
+        "--models", "adaptive_span_lm", "compressive_lm", "--updates", 2, "--json", out)
+    # fmt: on
+    rows = json.loads(out.read_text())
+    assert [(row["model"], row["L"]) for row in rows] == [("adaptive_span_lm", 68), ("compressive_lm", 68)]
+    for row in rows:
+        assert 0 < row["test_bits_per_byte"] < 9 and row["memory_kept"] > 0
