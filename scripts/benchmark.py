@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Speed and memory of expire_span_lm against fixed_span_lm, side by side in one run.
+"""Speed and memory of expire_span_lm against fixed_span_lm, adaptive_span_lm and compressive_lm (the paper's
+Table 4 columns: time per batch, peak memory, memory kept), side by side in one run at equal L. The compressive
+model's L is its reach n_mem + c * n_cmem, with n_mem = M and c = 4 (the paper's 8.5K: 512 + 4 x 2K).
 
 Each measurement runs in its own subprocess so that peak memory (CPU RSS, or CUDA max allocated) is its own.
 Training: forward + backward + Adam step on a stream of tokens, carrying the memory across blocks; evaluation:
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 CONFIGS = {
     # The issue's CPU comparison point: 4 layers, 256 wide, 4 heads, block 256, batch 8, R = 64, p = 0.1.
@@ -59,8 +62,9 @@ AUTHORS_TRAIN_TOKENS_PER_S = {
 
 def prefill(decoder, batch_size: int, init_percentage: float, like) -> None:
     """Memory as at steady state: the last N positions (random layer inputs), the last M of them the previous
-    block. Fixed span: N = L. Expire-span: the entries its initial spans e = p * L keep, N = p * L + R (p * L
-    when spans start: w = 0, so they do not depend on the input)."""
+    block. Fixed span: N = L. Expire-span and Adaptive-Span: the entries their initial spans p * L keep,
+    N = p * L + R (expire-spans start at p * L: w = 0, so they do not depend on the input). Compressive:
+    N = n_mem + n_cmem (every entry is attended, so their distances do not change the cost)."""
     import torch
 
     from fairseq_expire.modules.expire_span import LayerMemory
@@ -69,6 +73,8 @@ def prefill(decoder, batch_size: int, init_percentage: float, like) -> None:
     N = rule.max_span
     if rule.learned:
         N = max(decoder.block_size, min(N, math.ceil(init_percentage * rule.max_span) + rule.ramp))
+    if hasattr(decoder, "memory_sizes"):
+        N = decoder.memory_sizes[0] + decoder.memory_sizes[1]
     distance = torch.arange(N, 0, -1, dtype=torch.float32, device=like.device).expand(batch_size, -1)
     decoder._memory[decoder.training] = [
         LayerMemory(
@@ -149,8 +155,9 @@ def measure(args) -> dict:
     """One configuration, in this process."""
     import torch
     from fairseq.data import Dictionary
+    from fairseq.models import ARCH_MODEL_REGISTRY
 
-    import fairseq_expire.models.expire_span_lm as lm
+    import fairseq_expire  # noqa: F401  (registers the models)
 
     if args.memory_limit_gb:
         limit = int(args.memory_limit_gb * 2**30)
@@ -164,7 +171,6 @@ def measure(args) -> dict:
     dictionary = Dictionary()
     for i in range(252):
         dictionary.add_symbol(str(i))
-    learned = args.model == "expire_span_lm"
     options = dict(
         tokens_per_sample=cfg["block"],
         decoder_layers=cfg["layers"],
@@ -173,13 +179,12 @@ def measure(args) -> dict:
         decoder_attention_heads=cfg["heads"],
         dropout=0.0,
         attention_dropout=0.0,
-        max_span=args.max_span,
+        **memory_options(args.model, cfg, args.max_span),
     )
-    if learned:
-        options.update(expire_span_ramp=cfg["ramp"], expire_span_init_percentage=cfg["init"])
-    config = (lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig)(**options)
+    model_class = ARCH_MODEL_REGISTRY[args.model]
+    config = getattr(model_class, "__dataclass")(**options)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model = lm.FixedSpanLanguageModel(lm.ExpireSpanDecoder(config, dictionary, learned)).to(device, dtype)
+    model = model_class.build_model(config, SimpleNamespace(target_dictionary=dictionary)).to(device, dtype)
     optimizer = build_optimizer(model, dtype)
     B, M = cfg["batch"], cfg["block"]
     stream = torch.randint(4, len(dictionary), (B, (args.warmup + args.batches + 1) * M), device=device)
@@ -218,7 +223,7 @@ def measure(args) -> dict:
         else:
             logits, extra = model(tokens)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
-            optimizer.backward(loss + 1e-6 * extra["aux_loss"])
+            optimizer.backward(loss + 1e-6 * (extra["aux_loss"] + extra.get("adaptive_span_loss", 0)))
             optimizer.step()
             optimizer.zero_grad()
         synchronize()
@@ -315,6 +320,17 @@ def _synchronize(device) -> None:
         torch.cuda.synchronize()
 
 
+def memory_options(model: str, cfg: dict, max_span: int) -> dict:
+    """How each model is given the maximum span L (expire-span and Adaptive-Span start at p * L)."""
+    if model == "compressive_lm":
+        return dict(mem_size=cfg["block"], cmem_size=(max_span - cfg["block"]) // 4, compression_rate=4)
+    if model == "adaptive_span_lm":
+        return dict(max_span=max_span, adaptive_span_ramp=cfg["ramp"], adaptive_span_init=cfg["init"])
+    if model == "expire_span_lm":
+        return dict(max_span=max_span, expire_span_ramp=cfg["ramp"], expire_span_init_percentage=cfg["init"])
+    return dict(max_span=max_span)
+
+
 def identity(args) -> dict:
     return {
         "config": args.config,
@@ -383,7 +399,12 @@ def main():
     )
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu_small")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="max spans L")
-    parser.add_argument("--models", nargs="+", default=["expire_span_lm", "fixed_span_lm"])
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["expire_span_lm", "fixed_span_lm", "adaptive_span_lm", "compressive_lm"],
+        choices=["expire_span_lm", "fixed_span_lm", "adaptive_span_lm", "compressive_lm"],
+    )
     parser.add_argument(
         "--modes", nargs="+", default=["train", "eval"], choices=["train", "eval", "generate"]
     )
@@ -456,9 +477,12 @@ def main():
         for model in args.models:
             for mode in args.modes:
                 if mode == "generate":
-                    measured_generation(model, length)
+                    if model != "compressive_lm":  # it has no token-by-token decoding
+                        measured_generation(model, length)
                     continue
                 caches = [True, False] if mode == "eval" and model == "expire_span_lm" else [mode == "eval"]
+                if model == "compressive_lm":  # no cache: a compressed memory's key is that of a pooled state
+                    caches = [False]
                 for cache in caches:
                     row = measured(model=model, mode=mode, max_span=length, eval_cache=cache)
                     if model == "expire_span_lm" and cache == (mode == "eval") and not args.no_follow:

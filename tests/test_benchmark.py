@@ -22,6 +22,9 @@ def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
         ("expire_span_lm", "eval"),
     } <= kinds
     assert ("fixed_span_lm", "train") in kinds
+    # the paper's Table 4 rows, at the same L (the compressive memory has no evaluation cache)
+    assert {("adaptive_span_lm", "train"), ("adaptive_span_lm", "eval+cache")} <= kinds
+    assert {("compressive_lm", "train"), ("compressive_lm", "eval")} <= kinds
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0
         assert all(0 < kept <= 64 + 8 for kept in row["memory_per_layer"])  # L + R

@@ -30,9 +30,9 @@ def make_dictionary(size=12):
     return dictionary
 
 
-def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, **overrides):
-    config_class = lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig
-    options = dict(
+def layer_options(block, layers=1) -> dict:
+    """The small layers every memory scheme's unit tests use."""
+    return dict(
         tokens_per_sample=block,
         decoder_layers=layers,
         decoder_embed_dim=16,
@@ -40,8 +40,12 @@ def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, 
         decoder_attention_heads=2,
         dropout=0.0,
         attention_dropout=0.0,
-        max_span=max_span,
     )
+
+
+def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, **overrides):
+    config_class = lm.ExpireSpanLMConfig if learned else lm.FixedSpanLMConfig
+    options = dict(layer_options(block, layers), max_span=max_span)
     if learned:
         options.update(expire_span_ramp=ramp, expire_span_init_percentage=init)
     options.update(overrides)
@@ -326,8 +330,9 @@ def test_cached_evaluation_projections_match_the_plain_path(learned, pre_norm):
     assert torch.allclose(cached, plain, atol=1e-5)
 
 
-def reference_attention(attention, block, memory, positions, span_limit=None):
-    """The paper's formula written out densely: a' = m exp(s) / sum_j m exp(s_j), s = q.(k + p_{t-i}) / sqrt(D)."""
+def reference_attention(attention, block, memory, positions, span_limit=None, mask_of_distance=None):
+    """The paper's formula written out densely: a' = m exp(s) / sum_j m exp(s_j), s = q.(k + p_{t-i}) / sqrt(D).
+    ``mask_of_distance``: another mask law, from the distance t - i (B x M x T) to m (B x K x M x T)."""
     B, M, H = block.shape
     K, D = attention.num_heads, attention.head_dim
     keys_in = torch.cat([memory.hidden, block], 1)
@@ -336,13 +341,15 @@ def reference_attention(attention, block, memory, positions, span_limit=None):
     first = torch.cat([memory.distance, -torch.arange(M, dtype=torch.float32).expand(B, -1)], 1)
     d = first.unsqueeze(1) + t  # B x M x T
     valid = torch.cat([memory.valid, torch.ones(B, M, dtype=torch.bool)], 1).unsqueeze(1)
-    if attention.rule.learned:
+    if mask_of_distance is not None:
+        m = mask_of_distance(d)
+    elif attention.rule.learned:
         e = attention.span_predictor(keys_in)
         e = e if span_limit is None else e.clamp(max=span_limit)
         m = soft_mask(e.unsqueeze(1) - d, attention.rule.ramp)
     else:
         m = (d <= min(attention.rule.max_span, span_limit or math.inf)).float()
-    m = m * (d >= 1) * valid  # B x M x T
+    m = (m if m.dim() == 4 else m.unsqueeze(1)) * ((d >= 1) * valid).unsqueeze(1)  # B x K' x M x T
     q = attention.q_proj(block).view(B, M, K, D).transpose(1, 2)
     k = attention.k_proj(keys_in).view(B, T, K, D).transpose(1, 2)
     v = attention.v_proj(keys_in).view(B, T, K, D).transpose(1, 2)
@@ -354,23 +361,24 @@ def reference_attention(attention, block, memory, positions, span_limit=None):
             if 1 <= dist <= M and j >= T - 2 * M:
                 s[:, :, ti, j] = s[:, :, ti, j] + q[:, :, ti] @ p[dist - 1]
     s = s / math.sqrt(D)
-    weights = m.unsqueeze(1) * torch.exp(s - s.amax(-1, keepdim=True))
+    weights = m * torch.exp(s - s.amax(-1, keepdim=True))
     total = weights.sum(-1, keepdim=True)
     a = torch.where(total > 0, weights / total.clamp(min=1e-30), torch.zeros_like(weights))
     out = (a @ v).transpose(1, 2).reshape(B, M, H)
     return attention.out_proj(out), (m > 0).sum(-1).float().mean()
 
 
-def test_split_cpu_attention_equals_one_call_with_the_whole_bias():
+@pytest.mark.parametrize("mask_heads", [1, 3], ids=["shared-mask", "mask-per-head"])
+def test_split_cpu_attention_equals_one_call_with_the_whole_bias(mask_heads):
     """The CPU path merges two kernel calls by their log-sum-exps; a part a row sees nothing of must not count."""
     torch.manual_seed(0)
     B, K, M, N, D = 2, 3, 4, 7, 5
     T = N + M
     positions = RelativePositionTable(D, M)
     q, k, v = torch.randn(B, K, M, D), torch.randn(B, K, T, D), torch.randn(B, K, T, D)
-    log_mask = torch.rand(B, M, T).log()
-    log_mask[0, 1, : T - 2 * M] = -math.inf  # sees only the last 2M keys
-    log_mask[1, 2, T - 2 * M :] = -math.inf  # sees only the older memories
+    log_mask = torch.rand(B, mask_heads, M, T).log()
+    log_mask[0, :, 1, : T - 2 * M] = -math.inf  # sees only the last 2M keys
+    log_mask[1, -1, 2, T - 2 * M :] = -math.inf  # sees only the older memories
     with torch.no_grad():
         split = _split_flash_attention(q, k, v, log_mask, positions, 0.0)
         whole = _whole_bias_attention(q, k, v, log_mask, positions, 0.0)

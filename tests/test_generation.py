@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from test_adaptive_span import make_adaptive
+from test_compressive import make_compressive
 from test_expire_span import make_model, run_stream
 
+from fairseq_expire.errors import UsageError
 from fairseq_expire.models.expire_span_lm import DecodingState
 
 
@@ -52,6 +55,33 @@ def test_token_by_token_log_probs_equal_block_processing(case, prompt):
     steps, state = read_in_pieces(model, tokens, prompt)
     torch.testing.assert_close(log_probs(model, steps), blocks, atol=1e-5, rtol=0)
     assert state.length == 48
+
+
+@pytest.mark.parametrize("prompt", [0, 5, 16])
+@pytest.mark.parametrize("inference_max_span", [None, 9])
+def test_adaptive_span_token_by_token_log_probs_equal_block_processing(prompt, inference_max_span):
+    """Each head keeps its own span z_k when tokens come one at a time (spans 5.5 and 12.3: on the ramp)."""
+    model = make_adaptive(
+        fractions=[0.275, 0.615],
+        block=8,
+        layers=2,
+        max_span=20,
+        ramp=3,
+        inference_max_span=inference_max_span,
+    ).eval()
+    torch.manual_seed(1)
+    tokens = torch.randint(4, 12, (2, 48))
+    with torch.no_grad():
+        blocks = log_probs(model, run_stream(model, tokens, block=8))
+    steps, state = read_in_pieces(model, tokens, prompt)
+    torch.testing.assert_close(log_probs(model, steps), blocks, atol=1e-5, rtol=0)
+    assert max(state.memory_sizes()) <= 12.3 + 3  # the memory follows the largest head span
+
+
+def test_compressive_refuses_token_by_token_decoding_in_one_line():
+    model = make_compressive().eval()
+    with pytest.raises(UsageError, match="compressive_lm has no token-by-token decoding"):
+        read_in_pieces(model, torch.randint(4, 12, (1, 6)), prompt=4)
 
 
 def test_beam_reordering_gives_each_hypothesis_its_memory():

@@ -28,17 +28,27 @@ class ExpireSpanCrossEntropyConfig(FairseqDataclass):
             "2e-6 for colliding objects and instructions, 5e-6 for the corridor"
         },
     )
+    adaptive_span_loss: float = field(
+        default=0.0,
+        metadata={
+            "help": "adaptive_span_lm: coefficient of the L1 loss on the heads' spans z (mean over heads, sum "
+            "over layers, added per batch as in Adaptive-Span; its enwik8 scripts use 5e-7); 0: no penalty"
+        },
+    )
 
 
 @register_criterion("expire_span_cross_entropy", dataclass=ExpireSpanCrossEntropyConfig)
 class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
-    def __init__(self, task, expire_span_alpha: float = 0.0):
+    def __init__(self, task, expire_span_alpha: float = 0.0, adaptive_span_loss: float = 0.0):
         super().__init__(task)
-        if not expire_span_alpha >= 0:
-            raise UsageError(
-                f"--expire-span-alpha {expire_span_alpha}: must be >= 0 (a negative span loss rewards long spans)"
-            )
+        for option, value in (
+            ("--expire-span-alpha", expire_span_alpha),
+            ("--adaptive-span-loss", adaptive_span_loss),
+        ):
+            if not value >= 0:
+                raise UsageError(f"{option} {value}: must be >= 0 (a negative span loss rewards long spans)")
         self.alpha = expire_span_alpha
+        self.adaptive_span_coefficient = adaptive_span_loss
 
     def forward(self, model, sample, reduce=True):
         """Loss summed over the sample's scored tokens (``sample_size = ntokens``), fairseq units."""
@@ -51,6 +61,9 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
         positions = sample["net_input"]["src_tokens"].ne(self.padding_idx).sum()
         expire_loss = self.alpha * extra["aux_loss"] * ntokens / positions.clamp(min=1)
         loss = nll_loss + expire_loss
+        if "adaptive_span_loss" in extra:  # per batch: times ntokens, as the loss is divided by ntokens later
+            adaptive_span_loss = self.adaptive_span_coefficient * extra["adaptive_span_loss"] * ntokens
+            loss = loss + adaptive_span_loss
 
         def weighted(value):  # summable across batches and ranks: divided by ntokens in reduce_metrics
             return value.detach().float() * ntokens
@@ -68,6 +81,11 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
         }
         for i, kept in enumerate(extra["mem_sizes"]):
             logging_output[f"mem_l{i}"] = weighted(kept)
+        if "adaptive_span_loss" in extra:
+            logging_output["adaptive_span_loss"] = adaptive_span_loss.data
+            for i, layer_spans in enumerate(extra["head_spans"]):  # layers x K
+                for k, z in enumerate(layer_spans):
+                    logging_output[f"span_l{i}_h{k}"] = weighted(z)
         if sample.get("labelled", False):
             with torch.no_grad():
                 scored = target.ne(self.padding_idx)
@@ -102,12 +120,15 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
         ntokens = total("ntokens")
         if ntokens == 0:
             return
-        for key in ("loss", "nll_loss", "expire_loss"):  # bits per token
+        keys = logging_outputs[0].keys() if logging_outputs else ()
+        losses = ("loss", "nll_loss", "expire_loss") + (
+            ("adaptive_span_loss",) if "adaptive_span_loss" in keys else ()
+        )
+        for key in losses:  # bits per token
             metrics.log_scalar(key, total(key) / ntokens / math.log(2), ntokens, round=4)
         metrics.log_derived("ppl", lambda meters: utils.get_perplexity(meters["nll_loss"].avg))
-        keys = logging_outputs[0].keys() if logging_outputs else ()
         for key in keys:
-            if key in ("span_avg", "span_max", "attn_mem_avg") or key.startswith("mem_l"):
+            if key in ("span_avg", "span_max", "attn_mem_avg") or key.startswith(("mem_l", "span_l")):
                 metrics.log_scalar(key, total(key) / ntokens, ntokens, round=1)
         mem_keys = [key for key in keys if key.startswith("mem_l")]
         if mem_keys:

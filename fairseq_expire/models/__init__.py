@@ -1,1 +1,1 @@
-from . import expire_span_lm  # noqa: F401
+from . import adaptive_span_lm, compressive_lm, expire_span_lm  # noqa: F401

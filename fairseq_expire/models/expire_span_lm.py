@@ -45,7 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class FixedSpanLMConfig(FairseqDataclass):
+class MemoryLMConfig(FairseqDataclass):
+    """What every model with a per-stream memory has (they differ in how memories are kept)."""
+
     decoder_layers: int = field(default=12, metadata={"help": "number of layers"})
     decoder_embed_dim: int = field(default=512, metadata={"help": "model width H"})
     decoder_ffn_embed_dim: int = field(default=2048, metadata={"help": "feed-forward hidden size"})
@@ -57,16 +59,6 @@ class FixedSpanLMConfig(FairseqDataclass):
     )
     decoder_normalize_before: bool = field(
         default=False, metadata={"help": "pre-norm layers (post-norm, the reference default, when off)"}
-    )
-    max_span: int = field(
-        default=16384, metadata={"help": "maximum span L: how far back a memory can ever be attended"}
-    )
-    inference_max_span: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "evaluation only: cap every span at this many steps and delete memories accordingly "
-            "(paper Figure 10); set it with --model-overrides \"{'inference_max_span': 1024}\""
-        },
     )
     share_decoder_input_output_embed: bool = field(
         default=False, metadata={"help": "tie the output projection to the input embedding"}
@@ -92,6 +84,20 @@ class FixedSpanLMConfig(FairseqDataclass):
 
 
 @dataclass
+class FixedSpanLMConfig(MemoryLMConfig):
+    max_span: int = field(
+        default=16384, metadata={"help": "maximum span L: how far back a memory can ever be attended"}
+    )
+    inference_max_span: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "evaluation only: cap every span at this many steps and delete memories accordingly "
+            "(paper Figure 10); set it with --model-overrides \"{'inference_max_span': 1024}\""
+        },
+    )
+
+
+@dataclass
 class ExpireSpanLMConfig(FixedSpanLMConfig):
     expire_span_ramp: int = field(default=128, metadata={"help": "ramp length R of the soft mask"})
     expire_span_init_percentage: float = field(
@@ -110,37 +116,46 @@ def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+AT_LEAST_ONE = ("an integer >= 1", lambda v: v >= 1)
+PROBABILITY = ("in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def check_option_rules(cfg, rules: dict) -> None:
+    """``rules``: {option: (allowed, predicate)}; the first value that breaks its rule stops with one line."""
+    for name, (allowed, ok) in rules.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise UsageError(f"{_option(name)} {value}: must be {allowed}")
+
+
 def check_model_options(cfg, learned_spans: bool) -> None:
     """Refuse option values the model cannot train or evaluate with, before anything is built: one line each,
     with the valid range (a ramp of 0 gives NaN gradients, a negative one inverts the mask, p = 0 or 1 has no
-    logit...)."""
-    at_least_one = ("an integer >= 1", lambda v: v >= 1)
-    probability = ("in [0, 1)", lambda v: 0 <= v < 1)
+    logit...). Models without ``--max-span`` (their memory is sized otherwise) get the shared checks only."""
     rules = {
-        "decoder_layers": at_least_one,
-        "decoder_embed_dim": at_least_one,
-        "decoder_ffn_embed_dim": at_least_one,
-        "decoder_attention_heads": at_least_one,
-        "dropout": probability,
-        "attention_dropout": probability,
-        "embedding_dropout": probability,
-        "adaptive_softmax_dropout": probability,
-        "max_span": at_least_one,
+        "decoder_layers": AT_LEAST_ONE,
+        "decoder_embed_dim": AT_LEAST_ONE,
+        "decoder_ffn_embed_dim": AT_LEAST_ONE,
+        "decoder_attention_heads": AT_LEAST_ONE,
+        "dropout": PROBABILITY,
+        "attention_dropout": PROBABILITY,
+        "embedding_dropout": PROBABILITY,
+        "adaptive_softmax_dropout": PROBABILITY,
     }
+    spans = hasattr(cfg, "max_span")
+    if spans:
+        rules["max_span"] = AT_LEAST_ONE
     if learned_spans:
         rules.update(
-            expire_span_ramp=at_least_one,
+            expire_span_ramp=AT_LEAST_ONE,
             expire_span_init_percentage=(
                 "strictly between 0 and 1 (spans start at p * L)",
                 lambda v: 0 < v < 1,
             ),
             expire_span_pre_div=("> 0", lambda v: v > 0),
         )
-    for name, (allowed, ok) in rules.items():
-        value = getattr(cfg, name)
-        if not ok(value):
-            raise UsageError(f"{_option(name)} {value}: must be {allowed}")
-    if cfg.inference_max_span is not None and cfg.inference_max_span < 1:
+    check_option_rules(cfg, rules)
+    if spans and cfg.inference_max_span is not None and cfg.inference_max_span < 1:
         raise UsageError(
             f"inference_max_span {cfg.inference_max_span}: the cap on spans at evaluation must be at least 1 "
             "(leave it unset for no cap)"
@@ -150,7 +165,7 @@ def check_model_options(cfg, learned_spans: bool) -> None:
             f"--decoder-embed-dim {cfg.decoder_embed_dim} is not divisible by --decoder-attention-heads "
             f"{cfg.decoder_attention_heads}: each head gets H / K dimensions"
         )
-    if cfg.tokens_per_sample > cfg.max_span:
+    if spans and cfg.tokens_per_sample > cfg.max_span:
         raise UsageError(
             f"--tokens-per-sample {cfg.tokens_per_sample} is longer than --max-span {cfg.max_span}: a block must "
             "fit in the span (the previous block is always attended). Use --max-span >= --tokens-per-sample."
@@ -160,18 +175,11 @@ def check_model_options(cfg, learned_spans: bool) -> None:
 class ExpireSpanLayer(nn.Module):
     """Attention over [memory ; block] + feed-forward, post-norm (reference default) or pre-norm."""
 
-    def __init__(self, cfg, rule: SpanRule):
+    def __init__(self, cfg, attention: ExpireSpanAttention):
         super().__init__()
         H = cfg.decoder_embed_dim
         self.normalize_before = cfg.decoder_normalize_before
-        self.attention = ExpireSpanAttention(
-            H,
-            cfg.decoder_attention_heads,
-            rule,
-            cfg.attention_dropout,
-            init_percentage=getattr(cfg, "expire_span_init_percentage", 0.1),
-            pre_div=getattr(cfg, "expire_span_pre_div", 1.0),
-        )
+        self.attention = attention
         if self.normalize_before:  # keep the residual stream's scale in check with depth (as the reference)
             self.attention.out_proj.weight.data.div_((2 * cfg.decoder_layers) ** 0.5)
         self.attention_norm = nn.LayerNorm(H)
@@ -245,9 +253,9 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         super().__init__(dictionary)
         H = cfg.decoder_embed_dim
         self.block_size = cfg.tokens_per_sample
-        self.rule = SpanRule(cfg.max_span, getattr(cfg, "expire_span_ramp", 0), learned_spans)
-        self.noisy = learned_spans and cfg.expire_span_noisy
-        self.inference_max_span = cfg.inference_max_span
+        self.rule = self.span_rule(cfg, learned_spans)
+        self.noisy = learned_spans and getattr(cfg, "expire_span_noisy", False)
+        self.inference_max_span = getattr(cfg, "inference_max_span", None)
         # saved with the weights, so that every path that loads them can refuse another vocabulary of the same size
         fingerprint = bytes.fromhex(dictionary_fingerprint(dictionary))
         self.register_buffer("dictionary_fingerprint", torch.tensor(list(fingerprint), dtype=torch.long))
@@ -267,7 +275,9 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
             nn.init.zeros_(self.embed_tokens.weight[pad])
         self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
         self.positions = RelativePositionTable(H // cfg.decoder_attention_heads, self.block_size)
-        self.layers = nn.ModuleList(ExpireSpanLayer(cfg, self.rule) for _ in range(cfg.decoder_layers))
+        self.layers = nn.ModuleList(
+            ExpireSpanLayer(cfg, self.build_attention(cfg)) for _ in range(cfg.decoder_layers)
+        )
         self.final_norm = nn.LayerNorm(H) if cfg.decoder_normalize_before else None
 
         self.adaptive_softmax = None
@@ -290,6 +300,26 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         # Evaluation keeps the keys, values and spans of memories instead of recomputing them every block (the
         # weights do not change). False gives the plain path, which recomputes them as training does.
         self.cache_projections_in_eval = True
+
+    def span_rule(self, cfg, learned_spans: bool) -> SpanRule:
+        """How long memories live (other memory schemes override this and the two methods below)."""
+        return SpanRule(cfg.max_span, getattr(cfg, "expire_span_ramp", 0), learned_spans)
+
+    def build_attention(self, cfg) -> ExpireSpanAttention:
+        """One layer's attention over [memory ; block]."""
+        return ExpireSpanAttention(
+            cfg.decoder_embed_dim,
+            cfg.decoder_attention_heads,
+            self.rule,
+            cfg.attention_dropout,
+            init_percentage=getattr(cfg, "expire_span_init_percentage", 0.1),
+            pre_div=getattr(cfg, "expire_span_pre_div", 1.0),
+        )
+
+    def update_layer_memory(self, memory, block, keys, span_limit, cache: bool) -> LayerMemory:
+        """One layer's memory for the next block, from its memory, its input ``block`` and ``keys``, the
+        projection of [memory ; block] its attention used."""
+        return update_memory(memory, block, keys, self.rule, span_limit, cache)
 
     def check_weights(self, state_dict, prefix: str = "decoder.") -> None:
         """Refuse weights trained on another dictionary or block length, naming what differs (fairseq would say
@@ -445,7 +475,7 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         # The memory's size is data-dependent (what survives): each update reads it on the host. Updating after
         # the whole forward is queued keeps those syncs from draining a GPU's queue between layers.
         for memory, block, keys in updates:
-            new_memories.append(update_memory(memory, block, keys, self.rule, deletion_limit, cache))
+            new_memories.append(self.update_layer_memory(memory, block, keys, deletion_limit, cache))
             kept.append(new_memories[-1].valid.sum(1).float().mean())
 
         if self.final_norm is not None:
@@ -477,6 +507,12 @@ class FixedSpanLanguageModel(FairseqLanguageModel):
     """Transformer-XL-style baseline: every layer remembers exactly the last L positions."""
 
     learned_spans = False
+    decoder_class = ExpireSpanDecoder
+
+    @classmethod
+    def check_options(cls, cfg) -> None:
+        """Stop with one line on an option value the model cannot be built or trained with."""
+        check_model_options(cfg, cls.learned_spans)
 
     @classmethod
     def add_args(cls, parser):
@@ -495,8 +531,8 @@ class FixedSpanLanguageModel(FairseqLanguageModel):
 
     @classmethod
     def build_model(cls, cfg, task):
-        check_model_options(cfg, cls.learned_spans)
-        return cls(ExpireSpanDecoder(cfg, task.target_dictionary, learned_spans=cls.learned_spans))
+        cls.check_options(cfg)
+        return cls(cls.decoder_class(cfg, task.target_dictionary, learned_spans=cls.learned_spans))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         self.decoder.check_weights(state_dict)
@@ -563,6 +599,26 @@ def _set_defaults(args, **defaults):
             setattr(args, name, value)
 
 
+# The layers of the paper's enwik8 model (Table 2, 38M params on bytes) and of the tests' tiny one, shared by every
+# memory scheme's preset (paper 5.1: the same Transformer-XL under each).
+ENWIK8_LAYERS = dict(
+    decoder_layers=12,
+    decoder_embed_dim=512,
+    decoder_ffn_embed_dim=2048,
+    decoder_attention_heads=8,
+    dropout=0.3,
+    attention_dropout=0.3,
+)
+TINY_LAYERS = dict(
+    decoder_layers=2,
+    decoder_embed_dim=32,
+    decoder_ffn_embed_dim=64,
+    decoder_attention_heads=2,
+    dropout=0.0,
+    attention_dropout=0.0,
+)
+
+
 # register_model(name, dataclass) registers a no-op architecture of the same name; give it the guard too.
 ARCH_CONFIG_REGISTRY["expire_span_lm"] = _guard(lambda args: None)
 ARCH_CONFIG_REGISTRY["fixed_span_lm"] = _guard(lambda args: None)
@@ -574,12 +630,7 @@ def expire_span_lm_enwik8(args):
     """Paper Table 2: 12 layers, 512 wide, 8 heads, L = 16K, R = 128, noisy spans; 38M params on bytes."""
     _set_defaults(
         args,
-        decoder_layers=12,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=2048,
-        decoder_attention_heads=8,
-        dropout=0.3,
-        attention_dropout=0.3,
+        **ENWIK8_LAYERS,
         max_span=16384,
         expire_span_ramp=128,
         expire_span_noisy=True,
@@ -669,12 +720,7 @@ def expire_span_lm_tiny(args):
     """For tests and the demo: 2 layers, 32 wide, L = 64, R = 8."""
     _set_defaults(
         args,
-        decoder_layers=2,
-        decoder_embed_dim=32,
-        decoder_ffn_embed_dim=64,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
+        **TINY_LAYERS,
         max_span=64,
         expire_span_ramp=8,
     )
@@ -686,12 +732,7 @@ def fixed_span_lm_enwik8(args):
     """The paper's Transformer-XL 12L baseline (Table 2): as expire_span_lm_enwik8 with a fixed span."""
     _set_defaults(
         args,
-        decoder_layers=12,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=2048,
-        decoder_attention_heads=8,
-        dropout=0.3,
-        attention_dropout=0.3,
+        **ENWIK8_LAYERS,
         max_span=512,
     )
 
@@ -702,11 +743,6 @@ def fixed_span_lm_tiny(args):
     """For tests: the tiny preset with a fixed span of 64."""
     _set_defaults(
         args,
-        decoder_layers=2,
-        decoder_embed_dim=32,
-        decoder_ffn_embed_dim=64,
-        decoder_attention_heads=2,
-        dropout=0.0,
-        attention_dropout=0.0,
+        **TINY_LAYERS,
         max_span=64,
     )

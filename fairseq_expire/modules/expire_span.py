@@ -87,17 +87,18 @@ def _query_offsets(block_size: int, device) -> Tensor:
 
 
 def _block_soft_mask(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
-    """``m_{t,i}`` for the block's queries from ``r_i`` seen from its first query: B x T -> B x M x T.
+    """``m_{t,i}`` for the block's queries from ``r_i`` seen from its first query: ... x T -> ... x M x T
+    (B x T for a span per key, B x K x T for a span per head).
 
     Query t sees ``r_i - t``; ``1 + (r_i - t) / R`` is one subtraction per element from a per-key term.
     """
     offsets = _query_offsets(block_size, remaining_first.device) / ramp  # M x 1
     # m = clamp(1 + r / R, 0, 1)
-    return ((remaining_first / ramp + 1).unsqueeze(1) - offsets).clamp_(0.0, 1.0)
+    return ((remaining_first / ramp + 1).unsqueeze(-2) - offsets).clamp_(0.0, 1.0)
 
 
 class _LogSoftMask(torch.autograd.Function):
-    """``log m_{t,i}`` (B x M x T) from ``r_i`` seen from the block's first query (B x T); -inf where m = 0.
+    """``log m_{t,i}`` (... x M x T) from ``r_i`` seen from the block's first query (... x T); -inf where m = 0.
 
     The gradient on ``r_i`` is ``sum_t 1 / (R m_{t,i})`` over the queries t that see i on the ramp. Plain
     autograd through clamp and log would give ``0 * inf = NaN`` where m = 0, make more passes over B x M x T, and
@@ -115,12 +116,12 @@ class _LogSoftMask(torch.autograd.Function):
         (remaining_first,) = ctx.saved_tensors
         mask = _block_soft_mask(remaining_first, ctx.block_size, ctx.ramp)
         on_ramp = (mask > 0) & (mask < 1)
-        return torch.where(on_ramp, grad / mask, 0.0).sum(1) / ctx.ramp, None, None
+        return torch.where(on_ramp, grad / mask, 0.0).sum(-2) / ctx.ramp, None, None
 
 
 class _SoftmaxInFloat(torch.autograd.Function):
-    """``softmax(s + log m)`` over the keys (B x K x M x T scores, B x M x T fp32 log m) computed in fp32, returned
-    and saved in the scores' dtype.
+    """``softmax(s + log m)`` over the keys (B x K x M x T scores; fp32 log m, B x 1 x M x T shared by the heads or
+    B x K x M x T per head) computed in fp32, returned and saved in the scores' dtype.
 
     In bf16 or fp16, plain autograd would keep both the fp32 probabilities and their low-precision copy (B x K x M
     x T each) for the backward; the backward here runs in fp32 from the saved copy. In fp32 it is exactly
@@ -129,15 +130,17 @@ class _SoftmaxInFloat(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, log_mask: Tensor) -> Tensor:
-        probs = torch.softmax(scores.float().add_(log_mask.unsqueeze(1)), dim=-1).to(scores.dtype)
+        probs = torch.softmax(scores.float().add_(log_mask), dim=-1).to(scores.dtype)
         ctx.save_for_backward(probs)
+        ctx.shared_by_heads = log_mask.size(1) == 1
         return probs
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (probs,) = ctx.saved_tensors
         grad_scores = torch._softmax_backward_data(grad.float(), probs.float(), -1, torch.float32)
-        return grad_scores.to(probs.dtype), grad_scores.sum(1)  # log m is shared by the heads
+        grad_mask = grad_scores.sum(1, keepdim=True) if ctx.shared_by_heads else grad_scores.clone()
+        return grad_scores.to(probs.dtype), grad_mask
 
 
 def ramp_span_loss(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
@@ -281,23 +284,13 @@ class ExpireSpanAttention(nn.Module):
             torch.cat([past.values, now.values], dim=1),
             torch.cat([past.spans, now.spans], dim=1) if self.rule.learned else None,  # B x T, fp32
         )
-        aux = None
-        if self.rule.learned:
-            spans = keys.spans if span_limit is None else keys.spans.clamp(max=span_limit)
-            log_mask = _LogSoftMask.apply(spans - far, M, self.rule.ramp)  # B x M x T
-            aux = ramp_span_loss(spans - first_distance, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
-            last_visible = (
-                torch.ceil(spans.detach() + self.rule.ramp - first_distance) - 1
-            )  # m > 0: t - i < e + R
-        else:
-            limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
-            too_far = far.unsqueeze(1) + _query_offsets(M, block.device) > limit  # B x M x T: t - i > L
-            log_mask = torch.zeros(too_far.shape, device=block.device).masked_fill_(too_far, -math.inf)
-            last_visible = torch.floor(limit - first_distance)  # m > 0: t - i <= L
+        log_mask, aux, last_visible = self.span_mask(keys.spans, first_distance, far, valid, M, span_limit)
+        if log_mask.dim() == 3:  # shared by the heads
+            log_mask, last_visible = log_mask.unsqueeze(1), last_visible.unsqueeze(1)
         # causal, self excluded: block key j is visible from query t only if j < t
         log_mask[..., -M:].masked_fill_(_not_before(M, block.device), -math.inf)
-        # B x M x 1: False only at a stream's start. Applied unconditionally: testing for it first would stall a
-        # GPU's queue once per layer (host sync) to save one pass over B x M x T.
+        # B x K' x M x 1: False only at a stream's start. Applied unconditionally: testing for it first would
+        # stall a GPU's queue once per layer (host sync) to save one pass over the mask.
         sees_something = log_mask.amax(-1, keepdim=True) > -math.inf
         log_mask.masked_fill_(~sees_something, 0.0)
 
@@ -318,13 +311,13 @@ class ExpireSpanAttention(nn.Module):
             out = torch.matmul(self.dropout(_SoftmaxInFloat.apply(scores, log_mask)), v)  # B x K x M x D
         else:
             out = fused_attention(q, k, v, log_mask, positions, self.dropout.p if self.training else 0.0)
-        out = out * sees_something.unsqueeze(1)
+        out = out * sees_something
         out = out.transpose(1, 2).reshape(B, M, -1)  # B x M x H
 
         with torch.no_grad():  # |C_t|: key i is visible to the queries max(0, 1 - d_i) <= t <= last_visible_i
-            first_visible = (1 - first_distance).clamp(min=0)
-            seen_by = (last_visible.clamp(max=M - 1) - first_visible + 1).clamp(min=0) * valid
-            attended = seen_by.sum() / (B * M)
+            first_visible = (1 - first_distance).clamp(min=0).unsqueeze(1)  # B x 1 x T
+            seen_by = (last_visible.clamp(max=M - 1) - first_visible + 1).clamp(min=0) * valid.unsqueeze(1)
+            attended = seen_by.sum() / (B * M * seen_by.size(1))  # mean over queries (and heads)
         return self.out_proj(out), keys, aux, attended
 
     def step(
@@ -342,29 +335,40 @@ class ExpireSpanAttention(nn.Module):
         """
         B = token.size(0)
         far = memory.distance.masked_fill(~memory.valid, math.inf)  # B x N: t - i, padding infinitely far
-        if self.rule.learned:
-            spans = memory.spans if span_limit is None else memory.spans.clamp(max=span_limit)
-            log_mask = _block_soft_mask(
-                spans - far, 1, self.rule.ramp
-            ).log_()  # B x 1 x N: log m, r = e - (t - i)
-        else:
-            limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
-            log_mask = torch.zeros_like(far).masked_fill_(far > limit, -math.inf).unsqueeze(1)  # t - i > L
-        sees_something = (log_mask > -math.inf).any(-1)  # B x 1: False only at a stream's start
+        # the block's mask for a block of one query: B x 1 x N, or B x K x 1 x N per head
+        log_mask, _, _ = self.span_mask(memory.spans, memory.distance, far, memory.valid, 1, span_limit)
+        if log_mask.dim() == 3:  # shared by the heads
+            log_mask = log_mask.unsqueeze(1)
+        sees_something = (log_mask > -math.inf).any(
+            -1, keepdim=True
+        )  # B x K' x 1 x 1: False at a stream's start
 
         q = self._heads(self.q_proj(token)) * self.head_dim**-0.5  # B x K x 1 x D
         k, v = self._heads(memory.keys), self._heads(memory.values)  # B x K x N x D
         # s = q.(k + p_{t-i}) / sqrt(D), the position term for distances 1..M; a' = softmax(s + log m)
         scores = (torch.matmul(q, k.transpose(-1, -2)) + positions.scores_at(q, memory.distance)).float()
-        scores = scores + log_mask.masked_fill(~sees_something.unsqueeze(-1), 0.0).unsqueeze(
-            1
-        )  # B x K x 1 x N
-        attn = torch.softmax(scores, dim=-1)
-        out = (
-            torch.matmul(self.dropout(attn).to(v.dtype), v) * sees_something[:, None, :, None]
-        )  # B x K x 1 x D
+        attn = torch.softmax(scores + log_mask.masked_fill(~sees_something, 0.0), dim=-1)  # B x K x 1 x N
+        out = torch.matmul(self.dropout(attn).to(v.dtype), v) * sees_something  # B x K x 1 x D
         out = out.transpose(1, 2).reshape(B, 1, -1)  # B x 1 x H
         return self.out_proj(out), memory.advance(self.project(token), self.rule, span_limit)
+
+    def span_mask(self, spans, first_distance, far, valid, block_size: int, span_limit: Optional[float]):
+        """``log m`` of the block's queries over all T keys, before causality (B x M x T, or B x K x M x T for a
+        mask per head), the span loss (None: no loss) and, per key, the last query that sees it (B x T, or
+        B x K x T). ``far`` is ``first_distance`` with padding at infinity."""
+        M = block_size
+        if self.rule.learned:
+            spans = spans if span_limit is None else spans.clamp(max=span_limit)
+            log_mask = _LogSoftMask.apply(spans - far, M, self.rule.ramp)  # B x M x T
+            aux = ramp_span_loss(spans - first_distance, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
+            last_visible = (
+                torch.ceil(spans.detach() + self.rule.ramp - first_distance) - 1
+            )  # m > 0: t - i < e + R
+            return log_mask, aux, last_visible
+        limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
+        too_far = far.unsqueeze(1) + _query_offsets(M, far.device) > limit  # B x M x T: t - i > L
+        log_mask = torch.zeros(too_far.shape, device=far.device).masked_fill_(too_far, -math.inf)
+        return log_mask, None, torch.floor(limit - first_distance)  # m > 0: t - i <= L
 
 
 # The CPU flash kernel behind scaled_dot_product_attention, called directly for its log-sum-exp (the public
@@ -382,7 +386,8 @@ def fused_attention(
 ) -> Tensor:
     """``softmax(q . k + log m + position term) v`` (q already scaled) in fused kernels, without autograd.
 
-    q: B x K x M x D, k and v: B x K x T x D, log m: B x M x T (fp32) -> B x K x M x D. Every row must see a key.
+    q: B x K x M x D, k and v: B x K x T x D, log m: B x K' x M x T (fp32; K' = 1 when the heads share it)
+    -> B x K x M x D. Every row must see a key.
     """
     if q.device.type == "cpu" and k.size(-2) > 2 * q.size(-2) and hasattr(torch.ops.aten, _CPU_FLASH):
         return _split_flash_attention(q, k, v, log_mask, positions, dropout_p)
@@ -392,20 +397,20 @@ def fused_attention(
 def _whole_bias_attention(q, k, v, log_mask, positions, dropout_p):
     """The plain fused path: one call, with log m copied to every head and the position term added."""
     B, K, M, _ = q.shape
-    bias = q.new_empty(B, K, M, log_mask.size(-1)).copy_(log_mask.unsqueeze(1))  # B x K x M x T
+    bias = q.new_empty(B, K, M, log_mask.size(-1)).copy_(log_mask)  # B x K x M x T
     positions.add_scores_(q, bias[..., -2 * M :])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
 
 
 def _split_flash_attention(q, k, v, log_mask, positions, dropout_p):
-    """The older memories' keys (all but the last 2M) have no position term, so their bias is log m shared by
-    the heads (B x 1 x M x A, broadcast by the kernel, never copied K times). The two parts go through the CPU
+    """The older memories' keys (all but the last 2M) have no position term, so their bias is log m, shared by
+    the heads where it is (B x 1 x M x A, broadcast by the kernel, never copied K times). The two parts go through the CPU
     flash kernel separately, and are merged by their log-sum-exps:
     ``o = (e^{lse_old} o_old + e^{lse_recent} o_recent) / (e^{lse_old} + e^{lse_recent})``.
     """
     B, K, M, _ = q.shape
     old = k.size(-2) - 2 * M
-    recent_bias = torch.stack([log_mask[..., old:].to(q.dtype)] * K, dim=1)  # B x K x M x 2M
+    recent_bias = q.new_empty(B, K, M, 2 * M).copy_(log_mask[..., old:])  # B x K x M x 2M
     positions.add_scores_(q, recent_bias)
     parts = [
         _flash_with_log_sum_exp(q, k[:, :, :old], v[:, :, :old], log_mask[..., :old], None, dropout_p),
@@ -417,14 +422,14 @@ def _split_flash_attention(q, k, v, log_mask, positions, dropout_p):
 
 def _flash_with_log_sum_exp(q, k, v, log_mask, bias, dropout_p):
     """Output and log-sum-exp (B x K x M, fp32) of the CPU flash kernel over keys with mask ``log_mask``
-    (B x M x T'), and the per-head ``bias`` if given (else log m, shared by the heads); lse = -inf for a row
-    that sees none of these keys (the kernel gives 0 there)."""
-    bias = log_mask.unsqueeze(1) if bias is None else bias
+    (B x K' x M x T'), and the per-head ``bias`` if given (else log m); lse = -inf for a row that sees none of
+    these keys (the kernel gives 0 there)."""
+    bias = log_mask if bias is None else bias
     out, lse = getattr(torch.ops.aten, _CPU_FLASH)(
         q, k, v, dropout_p, False, attn_mask=bias.to(q.dtype), scale=1.0
     )
-    sees_nothing = log_mask.amax(-1) == -math.inf  # B x M
-    return out, lse.masked_fill(sees_nothing.unsqueeze(1), -math.inf)
+    sees_nothing = log_mask.amax(-1) == -math.inf  # B x K' x M
+    return out, lse.masked_fill(sees_nothing, -math.inf)
 
 
 @functools.lru_cache(maxsize=8)
