@@ -1,5 +1,7 @@
-"""The one correct training command, the check that stops a command that would train the wrong thing, and the
-completion of the product card's short form, ``fairseq-train DATA --user-dir fairseq_expire --arch expire_span_lm``.
+"""The command-line rules of fairseq-train with this plugin's models, in one place: the one correct training
+command, the completion of the product card's short form (``fairseq-train DATA --user-dir fairseq_expire --arch
+expire_span_lm``), and the refusal of a command that would train the wrong thing. fairseq-train (through the compat
+layer) and the launchers (before submitting) both check a command here; the task checks what needs the data.
 """
 
 import argparse
@@ -22,37 +24,13 @@ def training_command(data: str = "data-bin/enwik8", arch: str = "expire_span_lm"
     )
 
 
-def check_training_command(args) -> None:
-    """Refuse fairseq's defaults (translation task, cross_entropy criterion) and the shuffled-block LM task.
-
-    Those would train silently with a garbage cache or without the span loss. Exits like argparse does.
-    """
-    wrong = [
-        f"--{name} {getattr(args, name, None)} (needs --{name} {expected})"
-        for name, expected in (("task", TASK), ("criterion", CRITERION))
-        if getattr(args, name, None) != expected
-    ]
-    if wrong:
-        arch = getattr(args, "arch", "expire_span_lm")
-        data = getattr(args, "data", None) or "DATA_DIR"
-        raise SystemExit(
-            f"error: --arch {arch} cannot train with "
-            + " and ".join(wrong)
-            + ". Memory models need contiguous "
-            "streams and the span loss. Run:\n  " + training_command(data, arch)
-        )
-
-
-def check_batch_size(args) -> None:
-    """A batch is ``--batch-size`` streams of ``--tokens-per-sample`` tokens; without it fairseq-train stops on an
-    assertion deep inside fairseq, and ``--max-tokens`` alone does not say how many streams to keep."""
-    if getattr(args, "batch_size", None) is None:
-        arch = getattr(args, "arch", "expire_span_lm")
-        raise SystemExit(
-            f"error: --arch {arch} needs --batch-size N: the number of contiguous streams per GPU, each read "
-            "--tokens-per-sample tokens at a time (--max-tokens does not apply). Run:\n  "
-            + training_command(getattr(args, "data", None) or "DATA_DIR", arch)
-        )
+def batch_size_required(data: str = "DATA_DIR", arch: str = "expire_span_lm") -> str:
+    """Why a batch is given as --batch-size here: without it fairseq-train stops on an assertion deep inside
+    fairseq, and --max-tokens alone does not say how many streams to keep."""
+    return (
+        "--batch-size N is required: the number of contiguous streams per process, each read --tokens-per-sample "
+        f"tokens at a time (--max-tokens does not apply). For example:\n  {training_command(data, arch)}"
+    )
 
 
 # The paper's training recipe (appendix A.2, enwik8: Adam 7e-4, 8000 linear warm-up steps then constant, block 512,
@@ -115,7 +93,8 @@ def complete_training_command(argv: Sequence[str]) -> List[str]:
     the wrong thing, and without --batch-size, --optimizer and --lr fairseq refuses or diverges (lr 0.25).
 
     Adds this plugin's task and criterion and, for what the command leaves unset, the paper's recipe; typed
-    options always win, and a different --task or --criterion typed is refused. Logs the completed command.
+    options always win, and a different --task or --criterion typed is refused, as is a full command without
+    --batch-size. Logs the completed command.
     """
     typed = _typed_options(argv)
     arch = typed["--arch"]
@@ -130,6 +109,9 @@ def complete_training_command(argv: Sequence[str]) -> List[str]:
             "--criterion out to get both and the paper's recipe"
         )
     if None not in (typed["--task"], typed["--criterion"]):
+        if typed["--batch-size"] is None:
+            data = argv[0] if argv and not argv[0].startswith("-") else "DATA_DIR"
+            raise UsageError(f"--arch {arch}: {batch_size_required(data, arch)}")
         return list(argv)
     recipe = {**RECIPE, **PRESET_RECIPES.get(arch, {})}
     added, streams = {name: value for name, value in ours.items() if typed[name] is None}, ""

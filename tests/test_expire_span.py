@@ -279,37 +279,6 @@ def test_every_preset_builds(arch):
         assert args.decoder_normalize_before and args.expire_span_init_percentage == 0.01
 
 
-@pytest.mark.parametrize(
-    "task,criterion",
-    [
-        ("translation", "cross_entropy"),
-        ("language_modeling", "expire_span_cross_entropy"),
-        ("language_modeling_with_memory", "cross_entropy"),
-    ],
-)
-def test_wrong_task_or_criterion_stops_with_the_full_command(task, criterion):
-    args = argparse.Namespace(
-        arch="expire_span_lm", task=task, criterion=criterion, data="data-bin/enwik8", batch_size=8
-    )
-    with pytest.raises(SystemExit) as error:
-        ARCH_CONFIG_REGISTRY["expire_span_lm"](args)
-    message = str(error.value)
-    assert (
-        "--task language_modeling_with_memory" in message
-        and "--criterion expire_span_cross_entropy" in message
-    )
-    assert "fairseq-train data-bin/enwik8" in message
-
-
-def test_a_command_without_batch_size_stops_with_the_full_command():
-    args = argparse.Namespace(
-        arch="expire_span_lm", task="language_modeling_with_memory", criterion="expire_span_cross_entropy"
-    )
-    args.data, args.batch_size, args.max_tokens = "data-bin/enwik8", None, 4096
-    with pytest.raises(SystemExit, match="(?s)needs --batch-size N.*fairseq-train data-bin/enwik8"):
-        ARCH_CONFIG_REGISTRY["expire_span_lm"](args)
-
-
 @pytest.mark.parametrize("learned", [True, False])
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_cached_evaluation_projections_match_the_plain_path(learned, pre_norm):

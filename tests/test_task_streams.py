@@ -3,6 +3,7 @@
 import pickle
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -243,7 +244,7 @@ def test_block_longer_than_the_data_is_refused(data_bin):
 
 def test_batch_size_missing_or_too_large_is_refused(data_bin):
     task = loaded_task(data_bin, "valid")
-    with pytest.raises(ValueError, match="--batch-size is required"):
+    with pytest.raises(ValueError, match="--batch-size N is required"):
         task.get_batch_iterator(task.dataset("valid"), max_sentences=None)
     most = len(task.dataset("valid")) // 4
     with pytest.raises(ValueError, match=f"streams would be empty. Use at most --batch-size {most}"):
@@ -370,9 +371,8 @@ def test_only_the_expire_span_criterion_is_accepted(data_bin):
     task = tasks.setup_task(cfg.task)
     task.build_model(cfg.model)
     cfg.criterion._name = "cross_entropy"
-    with pytest.raises(SystemExit, match="--criterion expire_span_cross_entropy") as refused:
+    with pytest.raises(UsageError, match="trains with --criterion expire_span_cross_entropy .*cross_entropy"):
         task.build_criterion(cfg.criterion)
-    assert "fairseq-train " in str(refused.value) and "--arch fixed_span_lm_tiny" in str(refused.value)
     cfg.criterion._name = "expire_span_cross_entropy"
     assert type(task.build_criterion(cfg.criterion)).__name__ == "ExpireSpanCrossEntropyCriterion"
 

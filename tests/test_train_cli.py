@@ -9,7 +9,8 @@ from console import json_logs, make_data_bin, repeating_text, run, train_command
 from fairseq import options
 
 import fairseq_expire  # noqa: F401  (registers the models)
-from fairseq_expire.usage import PRESET_RECIPES, complete_training_command
+from fairseq_expire.errors import UsageError
+from fairseq_expire.usage import CRITERION, PRESET_RECIPES, TASK, complete_training_command
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +41,27 @@ def test_the_cards_short_command_gets_the_task_criterion_and_the_papers_recipe(m
     )
     assert "adam" not in typed and "--lr" not in typed  # Adam's learning rate is not SGD's
     assert "--warmup-updates" not in typed and "--batch-size" not in typed
-    full = [*card, "--task", "language_modeling_with_memory", "--criterion", "expire_span_cross_entropy"]
+    full = [*card, "--task", TASK, "--criterion", CRITERION, "--batch-size", "8"]
     assert complete_training_command(full) == full
     other = ["DATA", "--arch", "transformer_lm"]
     assert complete_training_command(other) == other
+
+
+@pytest.mark.parametrize(
+    "task,criterion",
+    [("translation", "cross_entropy"), ("language_modeling", CRITERION), (TASK, "cross_entropy")],
+)
+def test_a_wrong_task_or_criterion_typed_is_refused_naming_the_right_ones(task, criterion):
+    argv = ["data-bin/enwik8", "--arch", "expire_span_lm", "--task", task, "--criterion", criterion]
+    with pytest.raises(UsageError) as error:
+        complete_training_command([*argv, "--batch-size", "8"])
+    assert f"--task {TASK}" in str(error.value) and f"--criterion {CRITERION}" in str(error.value)
+
+
+def test_a_full_command_without_batch_size_stops_with_an_example_command():
+    argv = ["data-bin/enwik8", "--arch", "expire_span_lm", "--task", TASK, "--criterion", CRITERION]
+    with pytest.raises(UsageError, match="(?s)--batch-size N is required.*fairseq-train data-bin/enwik8"):
+        complete_training_command([*argv, "--max-tokens", "4096"])
 
 
 def test_the_short_command_trains_to_a_checkpoint_that_eval_lm_scores(repeating_data, tmp_path):

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import fairseq_expire
+from fairseq_expire.errors import UsageError
 from fairseq_expire.launch import LaunchError
+from fairseq_expire.usage import complete_training_command
 
 # Set by the launcher for every task; a user value would be overwritten or would contradict it.
 LAUNCHER_OPTIONS = {
@@ -132,13 +134,16 @@ def parse_train_args(args: Sequence[str], context: str = "", grid_keys: Sequence
         raise LaunchError(
             f"--user-dir {user_dir!r} is not a directory{where} (relative paths start at {os.getcwd()})"
         )
+    args = _without_this_plugin(args)
+    try:
+        args = complete_training_command(args)  # as fairseq-train will: the short form, its refusals
+    except UsageError as error:
+        raise LaunchError(f"{error}{where}") from None
     parser = options.get_training_parser()
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            namespace, unknown = options.parse_args_and_arch(
-                parser, input_args=_without_this_plugin(args), parse_known=True
-            )
+            namespace, unknown = options.parse_args_and_arch(parser, input_args=args, parse_known=True)
     except SystemExit as exit_:
         lines = stderr.getvalue().strip().splitlines()
         reason = exit_.code if isinstance(exit_.code, str) else (lines[-1] if lines else f"exit {exit_.code}")

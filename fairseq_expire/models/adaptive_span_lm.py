@@ -8,7 +8,7 @@ layer are deleted, so the cost follows the learned spans.
 from dataclasses import dataclass, field
 
 import torch
-from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
+from fairseq.models import register_model, register_model_architecture
 
 from fairseq_expire.models.expire_span_lm import (
     AT_LEAST_ONE,
@@ -17,7 +17,6 @@ from fairseq_expire.models.expire_span_lm import (
     ExpireSpanDecoder,
     FixedSpanLanguageModel,
     FixedSpanLMConfig,
-    _guard,
     _set_defaults,
     check_model_options,
     check_option_rules,
@@ -83,11 +82,7 @@ class AdaptiveSpanLanguageModel(FixedSpanLanguageModel):
         )
 
 
-ARCH_CONFIG_REGISTRY["adaptive_span_lm"] = _guard(lambda args: None)
-
-
 @register_model_architecture("adaptive_span_lm", "adaptive_span_lm_enwik8")
-@_guard
 def adaptive_span_lm_enwik8(args):
     """The paper's Adaptive-Span baseline on enwik8 (Table 4): expire_span_lm_enwik8's Transformer-XL with a span
     per head, L = 16K, R = 32 (Adaptive-Span's ramp)."""
@@ -100,7 +95,6 @@ def adaptive_span_lm_enwik8(args):
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_lm_tiny")
-@_guard
 def adaptive_span_lm_tiny(args):
     """For tests and the demo corpus: 2 layers, 32 wide, L = 64, R = 8."""
     _set_defaults(

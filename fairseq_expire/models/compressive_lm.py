@@ -8,7 +8,7 @@ memory's key is the key of its pooled hidden state.
 
 from dataclasses import dataclass, field
 
-from fairseq.models import ARCH_CONFIG_REGISTRY, register_model, register_model_architecture
+from fairseq.models import register_model, register_model_architecture
 
 from fairseq_expire.errors import UsageError
 from fairseq_expire.models.expire_span_lm import (
@@ -18,7 +18,6 @@ from fairseq_expire.models.expire_span_lm import (
     ExpireSpanDecoder,
     FixedSpanLanguageModel,
     MemoryLMConfig,
-    _guard,
     _set_defaults,
     check_model_options,
     check_option_rules,
@@ -90,11 +89,7 @@ class CompressiveLanguageModel(FixedSpanLanguageModel):
             )
 
 
-ARCH_CONFIG_REGISTRY["compressive_lm"] = _guard(lambda args: None)
-
-
 @register_model_architecture("compressive_lm", "compressive_lm_enwik8")
-@_guard
 def compressive_lm_enwik8(args):
     """The paper's Compressive Transformer baseline (Table 4, A.2): expire_span_lm_enwik8's Transformer-XL with
     512 raw memories and 2K compressed by 4 (8.5K reach)."""
@@ -108,7 +103,6 @@ def compressive_lm_enwik8(args):
 
 
 @register_model_architecture("compressive_lm", "compressive_lm_tiny")
-@_guard
 def compressive_lm_tiny(args):
     """For tests and the demo corpus: 2 layers, 32 wide, 16 raw memories and 8 compressed by 4."""
     _set_defaults(

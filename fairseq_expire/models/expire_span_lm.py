@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from fairseq import options
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import (
-    ARCH_CONFIG_REGISTRY,
     FairseqIncrementalDecoder,
     FairseqLanguageModel,
     register_model,
@@ -39,7 +38,6 @@ from fairseq_expire.modules.expire_span import (
     select_streams,
     update_memory,
 )
-from fairseq_expire.usage import check_batch_size, check_training_command
 
 logger = logging.getLogger(__name__)
 
@@ -570,25 +568,8 @@ class ExpireSpanLanguageModel(FixedSpanLanguageModel):
     learned_spans = True
 
 
-# Named presets. Each checks the command line first: fairseq's default task/criterion would train the wrong
-# thing silently (translation, shuffled blocks, or no span loss).
-
-
-def _guard(arch):
-    """Run :func:`check_training_command` and :func:`check_batch_size` before an architecture function fills in
-    defaults.
-
-    fairseq calls architecture functions twice: on the full command line (which names a task) and again in
-    ``build_model`` on the model config alone (which does not); only the first is a command to check.
-    """
-
-    def wrapped(args):
-        if getattr(args, "task", None) is not None:
-            check_training_command(args)
-            check_batch_size(args)
-        arch(args)
-
-    return wrapped
+# Named presets: each fills in what the command line left unset (the command itself is checked by
+# fairseq_expire.usage before fairseq parses it).
 
 
 def _set_defaults(args, **defaults):
@@ -619,13 +600,7 @@ TINY_LAYERS = dict(
 )
 
 
-# register_model(name, dataclass) registers a no-op architecture of the same name; give it the guard too.
-ARCH_CONFIG_REGISTRY["expire_span_lm"] = _guard(lambda args: None)
-ARCH_CONFIG_REGISTRY["fixed_span_lm"] = _guard(lambda args: None)
-
-
 @register_model_architecture("expire_span_lm", "expire_span_lm_enwik8")
-@_guard
 def expire_span_lm_enwik8(args):
     """Paper Table 2: 12 layers, 512 wide, 8 heads, L = 16K, R = 128, noisy spans; 38M params on bytes."""
     _set_defaults(
@@ -638,7 +613,6 @@ def expire_span_lm_enwik8(args):
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_enwik8_small")
-@_guard
 def expire_span_lm_enwik8_small(args):
     """Reference small enwik8 config: 8 layers, 256 wide, 4 heads, L = 4K, R = 64, pre_div 64, no dropout."""
     _set_defaults(
@@ -656,7 +630,6 @@ def expire_span_lm_enwik8_small(args):
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_pg19")
-@_guard
 def expire_span_lm_pg19(args):
     """Paper A.2.4 (PG-19, characters): 12 layers, 512 wide, 8 heads, dropout 0.2, L = 16K (8K..32K), R = 128."""
     _set_defaults(
@@ -673,7 +646,6 @@ def expire_span_lm_pg19(args):
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_collision")
-@_guard
 def expire_span_lm_collision(args):
     """Paper A.2.3 (colliding objects): 6 layers, 512 wide, 4 heads, pre-norm, p = 0.01, L = 16K, R = 128."""
     _set_defaults(
@@ -692,7 +664,6 @@ def expire_span_lm_collision(args):
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_wt103")
-@_guard
 def expire_span_lm_wt103(args):
     """Paper A.1.1 / A.2.4 (Wikitext-103, words): 8 layers, 1024 wide, L = 8K, adaptive input and softmax."""
     _set_defaults(
@@ -715,7 +686,6 @@ def expire_span_lm_wt103(args):
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_tiny")
-@_guard
 def expire_span_lm_tiny(args):
     """For tests and the demo: 2 layers, 32 wide, L = 64, R = 8."""
     _set_defaults(
@@ -727,7 +697,6 @@ def expire_span_lm_tiny(args):
 
 
 @register_model_architecture("fixed_span_lm", "fixed_span_lm_enwik8")
-@_guard
 def fixed_span_lm_enwik8(args):
     """The paper's Transformer-XL 12L baseline (Table 2): as expire_span_lm_enwik8 with a fixed span."""
     _set_defaults(
@@ -738,7 +707,6 @@ def fixed_span_lm_enwik8(args):
 
 
 @register_model_architecture("fixed_span_lm", "fixed_span_lm_tiny")
-@_guard
 def fixed_span_lm_tiny(args):
     """For tests: the tiny preset with a fixed span of 64."""
     _set_defaults(

@@ -9,7 +9,6 @@ like fairseq's own LM task. See :mod:`fairseq_expire.data.streams` for how strea
 import logging
 import os
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -30,7 +29,7 @@ from fairseq_expire.data.streams import (
     dictionary_fingerprint,
 )
 from fairseq_expire.errors import UsageError
-from fairseq_expire.usage import TASK, check_training_command
+from fairseq_expire.usage import CRITERION, TASK, batch_size_required
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +97,6 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         super().__init__(cfg)
         self.dictionary = dictionary
         self.dictionary_md5 = dictionary_fingerprint(dictionary)
-        self.arch = None  # set by build_model, named in the criterion guard's command
         self.model_block_size = None  # set by build_model
 
     @classmethod
@@ -137,9 +135,8 @@ class LanguageModelingWithMemoryTask(FairseqTask):
             uses += [(paths[0], split, False, streams) for split in self.cfg.valid_subset.split(",")]
         for data_path, split, training, streams_per_rank in uses:
             dataset = self._read_split(split, data_path, combine=training)
-            if streams_per_rank is not None:
-                offset = training and self.cfg.stream_offset
-                self._check_streams(dataset, streams_per_rank, self.cfg.world_size, offset)
+            offset = training and self.cfg.stream_offset
+            self._check_streams(dataset, streams_per_rank, self.cfg.world_size, offset)
 
     def _read_split(self, split: str, data_path: str, combine: bool = False) -> StreamSplit:
         self._check_shard_dictionary(data_path)
@@ -288,9 +285,7 @@ class LanguageModelingWithMemoryTask(FairseqTask):
 
     def _check_streams(self, split: StreamSplit, streams_per_rank, num_ranks: int, offset: bool):
         if streams_per_rank is None:
-            raise UsageError(
-                "--batch-size is required: it is the number of streams per process (--max-tokens does not apply)"
-            )
+            raise UsageError(batch_size_required(utils.split_paths(self.cfg.data)[0]))
         streams = streams_per_rank * num_ranks
         usable = len(split) - (self.cfg.tokens_per_sample - 1 if offset else 0)
         if usable < 2 * streams:
@@ -336,11 +331,11 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         """Refuse a model without memory, and in training every split and shard that would fail later, before the
         model is built. The block length of a checkpoint's model is checked where streams are cut into blocks
         (generation reads prompts of any length)."""
-        self.arch = getattr(cfg, "_name", None)
-        if not callable(getattr(ARCH_MODEL_REGISTRY.get(self.arch), "reset_memory", None)):
+        arch = getattr(cfg, "_name", None)
+        if not callable(getattr(ARCH_MODEL_REGISTRY.get(arch), "reset_memory", None)):
             raise UsageError(
                 f"--task {TASK} feeds consecutive blocks of the same streams and needs a model that carries "
-                f"memory across them (--arch expire_span_lm... or fixed_span_lm...), not --arch {self.arch}"
+                f"memory across them (--arch expire_span_lm... or fixed_span_lm...), not --arch {arch}"
             )
         if not from_checkpoint:
             self._check_training_data()
@@ -350,11 +345,11 @@ class LanguageModelingWithMemoryTask(FairseqTask):
 
     def build_criterion(self, cfg, **kwargs):
         """Only the Expire-Span criterion adds the span loss and logs spans and memory; refuse any other."""
-        check_training_command(
-            SimpleNamespace(
-                task=TASK, criterion=cfg._name, arch=self.arch or "expire_span_lm", data=self.cfg.data
+        if cfg._name != CRITERION:
+            raise UsageError(
+                f"--task {TASK} trains with --criterion {CRITERION} (the span loss, and the span and memory "
+                f"logs), not --criterion {cfg._name}"
             )
-        )
         return super().build_criterion(cfg, **kwargs)
 
     def max_positions(self):
