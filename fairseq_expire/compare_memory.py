@@ -76,8 +76,8 @@ def train_and_evaluate(record: Record, model: str, size: int, data: Path, work: 
             record, data, save_dir / "checkpoint_last.pt", work / "logs" / f"{name}.eval.log"
         ),
         "valid_bits_per_byte": float(valid["valid_nll_loss"]),
-        "memory_kept": float(valid["valid_mem_avg"]),
-        "attended": float(valid["valid_attn_mem_avg"]),
+        "mem_avg": float(valid["valid_mem_avg"]),
+        "attn_mem_avg": float(valid["valid_attn_mem_avg"]),
         "train_seconds": round(trained["seconds"]),
     }
 
@@ -90,7 +90,7 @@ def markdown(rows) -> str:
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['L']} | {r['test_bits_per_byte']:.3f} | {r['valid_bits_per_byte']:.3f} "
-            f"| {r['memory_kept']:.0f} | {r['attended']:.0f} | {r['train_seconds']} |"
+            f"| {r['mem_avg']:.0f} | {r['attn_mem_avg']:.0f} | {r['train_seconds']} |"
         )
     return "\n".join(lines)
 

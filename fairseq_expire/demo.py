@@ -168,10 +168,10 @@ def table(rows: List[dict]) -> List[str]:
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        layers = " / ".join(f"{kept:.0f}" for kept in row["memory_per_layer"])
+        layers = " / ".join(f"{kept:.0f}" for kept in row["mem_per_layer"])
         lines.append(
-            f"| {row['model']} | {row['bits_per_token']:.3f} | {row['memory_mean']:.0f} ({layers}) "
-            f"| {row['keys_per_query']:.0f} | {row['seconds']:.0f} s |"
+            f"| {row['model']} | {row['bits_per_token']:.3f} | {row['mem_avg']:.0f} ({layers}) "
+            f"| {row['attn_mem_avg']:.0f} | {row['seconds']:.0f} s |"
         )
     return lines
 

@@ -13,7 +13,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor
 
-from fairseq_expire.errors import UsageError
+from fairseq_expire.errors import UsageError, exit_on_usage_error
 from fairseq_expire.models.expire_span_lm import DecodingState
 
 
@@ -86,7 +86,7 @@ class Generation:
     prompt_seconds: float
     tokens: int
     seconds: float
-    memory_per_layer: List[float]  # entries kept at the end, per layer
+    mem_per_layer: List[float]  # entries kept at the end, per layer
 
     @property
     def tokens_per_second(self) -> float:
@@ -116,24 +116,25 @@ def generate(model, prompt: Tensor, config: GenerateConfig, on_token: Callable[[
             features, _ = decoder.read(token.view(1, 1), state)
         done = time.perf_counter()
     return Generation(
-        len(prompt), read - start, config.max_tokens, done - read, [float(m) for m in state.memory_sizes()]
+        len(prompt), read - start, config.max_tokens, done - read, [float(m) for m in state.mem_per_layer()]
     )
 
 
 def cli_main(argv: Optional[List[str]] = None) -> None:
-    from fairseq_expire.analysis.runner import load_model
     from fairseq_expire.prepare.cli import build_parser
 
     parser = build_parser(GenerateConfig, "generate.py", __doc__)
-    args = parser.parse_args(argv)
-    config = GenerateConfig(**vars(args))
-    try:
-        check_config(config)
-        loaded = load_model(config.checkpoint, config.data, config.inference_max_span, config.cpu)
-        text = config.prompt_file.read_text(encoding="utf-8") if config.prompt_file else config.prompt or ""
-        prompt = loaded.vocabulary.encode(text)
-    except UsageError as error:
-        parser.exit(1, f"error: {error}\n")
+    config = GenerateConfig(**vars(parser.parse_args(argv)))
+    exit_on_usage_error(parser.prog, lambda: _generate_to_stdout(config))
+
+
+def _generate_to_stdout(config: GenerateConfig) -> None:
+    from fairseq_expire.analysis.runner import load_model
+
+    check_config(config)
+    loaded = load_model(config.checkpoint, config.data, config.inference_max_span, config.cpu)
+    text = config.prompt_file.read_text(encoding="utf-8") if config.prompt_file else config.prompt or ""
+    prompt = loaded.vocabulary.encode(text)
     decode = loaded.vocabulary.text_decoder()
     sys.stdout.write(text)
 
@@ -142,7 +143,7 @@ def cli_main(argv: Optional[List[str]] = None) -> None:
         sys.stdout.flush()
 
     result = generate(loaded.model, prompt, config, show)
-    memory = ", ".join(f"{m:.0f}" for m in result.memory_per_layer)
+    memory = ", ".join(f"{m:.0f}" for m in result.mem_per_layer)
     sys.stdout.write("\n")
     sys.stderr.write(
         f"prompt: {result.prompt_tokens} tokens in {result.prompt_seconds:.2f} s; generated: {result.tokens} tokens "

@@ -76,37 +76,39 @@ def prefill(decoder, batch_size: int, init_percentage: float, like) -> None:
     if hasattr(decoder, "memory_sizes"):
         N = decoder.memory_sizes[0] + decoder.memory_sizes[1]
     distance = torch.arange(N, 0, -1, dtype=torch.float32, device=like.device).expand(batch_size, -1)
-    decoder._memory[decoder.training] = [
-        LayerMemory(
-            hidden=torch.randn(batch_size, N, H, device=like.device, dtype=like.dtype),
-            distance=distance,
-            valid=torch.ones(batch_size, N, dtype=torch.bool, device=like.device),
-        )
-        for _ in decoder.layers
-    ]
+    decoder.set_memory(
+        [
+            LayerMemory(
+                hidden=torch.randn(batch_size, N, H, device=like.device, dtype=like.dtype),
+                distance=distance,
+                valid=torch.ones(batch_size, N, dtype=torch.bool, device=like.device),
+            )
+            for _ in decoder.layers
+        ]
+    )
 
 
-def cache_bound(cfg: dict, memory_per_layer, vocabulary_size: int) -> float:
+def cache_bound(cfg: dict, mem_per_layer, vocabulary_size: int) -> float:
     """Multiply-adds per block without the cache over those with it: the most the cache can speed evaluation up
     if every operation ran at the same efficiency. Per layer, with N memories and T = N + M keys: projections and
     feed-forward of the block, attention to T keys and the position band; without the cache, also the keys and
     values of the N memories."""
     B, M, H, F = cfg["batch"], cfg["block"], cfg["width"], cfg["ffn"]
     cached = uncached = B * M * H * vocabulary_size  # output layer
-    for N in memory_per_layer:
+    for N in mem_per_layer:
         block = B * M * (4 * H * H + 2 * H * F + 2 * (N + M) * H + M * H)
         cached += block
         uncached += block + 2 * B * N * H * H
     return uncached / cached
 
 
-def train_flops_per_token(cfg: dict, memory_per_layer, vocabulary_size: int) -> float:
+def train_flops_per_token(cfg: dict, mem_per_layer, vocabulary_size: int) -> float:
     """Model FLOPs of one training token (forward + backward = 3 forwards, 2 FLOPs a multiply-add): per layer the
     projections and feed-forward, attention to the N memories and the M block keys, the position band; the output
     layer."""
     M, H, F = cfg["block"], cfg["width"], cfg["ffn"]
     multiply_adds = H * vocabulary_size + sum(
-        4 * H * H + 2 * H * F + 2 * (N + M) * H + M * H for N in memory_per_layer
+        4 * H * H + 2 * H * F + 2 * (N + M) * H + M * H for N in mem_per_layer
     )
     return 3 * 2 * multiply_adds
 
@@ -223,14 +225,14 @@ def measure(args) -> dict:
         else:
             logits, extra = model(tokens)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten())
-            optimizer.backward(loss + 1e-6 * (extra["aux_loss"] + extra.get("adaptive_span_loss", 0)))
+            optimizer.backward(loss + 1e-6 * (extra["span_loss"] + extra.get("adaptive_span_loss", 0)))
             optimizer.step()
             optimizer.zero_grad()
         synchronize()
         if k >= args.warmup:
             times.append(time.perf_counter() - start)
             spans.append(float(extra["span_avg"]))
-            kept.append([float(x) for x in extra["mem_sizes"]])
+            kept.append([float(x) for x in extra["mem_per_layer"]])
         if twin is not None:
             start = time.perf_counter()
             with torch.no_grad():
@@ -240,10 +242,10 @@ def measure(args) -> dict:
                 twin_times.append(time.perf_counter() - start)
     peak_mb = peak_memory_mb(device)
     batch_time = statistics.median(times)
-    memory_per_layer = [round(statistics.mean(layer), 1) for layer in zip(*kept)]
+    mem_per_layer = [round(statistics.mean(layer), 1) for layer in zip(*kept)]
     flops = None
     if device.type == "cuda" and args.mode == "train":
-        flops = train_flops_per_token(cfg, memory_per_layer, len(dictionary)) * B * M / batch_time
+        flops = train_flops_per_token(cfg, mem_per_layer, len(dictionary)) * B * M / batch_time
         name = torch.cuda.get_device_name(device)
         peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     return {
@@ -253,12 +255,12 @@ def measure(args) -> dict:
         "batch_time_ms": 1000 * batch_time,
         "peak_memory_mb": peak_mb,
         "span_avg": statistics.mean(spans),
-        "memory_per_layer": memory_per_layer,
+        "mem_per_layer": mem_per_layer,
         **({"model_tflops": flops / 1e12, "mfu": flops / 1e12 / peak if peak else None} if flops else {}),
         **(
             {
                 "cache_speedup": statistics.median(twin_times) / batch_time,
-                "cache_bound": cache_bound(cfg, memory_per_layer, len(dictionary)),
+                "cache_bound": cache_bound(cfg, mem_per_layer, len(dictionary)),
             }
             if twin_times
             else {}
@@ -291,7 +293,7 @@ def measure_generation(args, model, device) -> dict:
             else:
                 t = k % M
                 block[:, t] = tokens[:, k]
-                decoder._memory[decoder.training] = committed
+                decoder.set_memory(committed)
                 _, extra = model(block)
                 if t == M - 1:
                     committed = decoder.memory()
@@ -309,7 +311,7 @@ def measure_generation(args, model, device) -> dict:
         "batch_time_ms": 1000 * token_time,
         "peak_memory_mb": peak_memory_mb(device),
         "span_avg": span,
-        "memory_per_layer": [round(float(x), 1) for x in extra["mem_sizes"]],
+        "mem_per_layer": [round(float(x), 1) for x in extra["mem_per_layer"]],
     }
 
 
@@ -371,7 +373,7 @@ def markdown(rows) -> str:
         if r.get("out_of_memory"):
             lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | | | |")
             continue
-        memory = sum(r["memory_per_layer"]) / len(r["memory_per_layer"])
+        memory = sum(r["mem_per_layer"]) / len(r["mem_per_layer"])
         authors = (
             AUTHORS_TRAIN_TOKENS_PER_S.get((r["model"], r["max_span"])) if r["mode"] == "train" else None
         )

@@ -96,7 +96,7 @@ def test_adaptive_memory_is_trimmed_to_the_largest_head_span_and_outputs_do_not_
         # memory i is kept iff max z + R > its distance to the next block: distances 1..23
         assert [len(memory) for memory in model.decoder.memory()] == [23, 23]
         _, extra = model(tokens[:, :M])
-        assert extra["mem_sizes"].tolist() == [23, 23]
+        assert extra["mem_per_layer"].tolist() == [23, 23]
         assert extra["span_max"] == pytest.approx(20)
         monkeypatch.setattr(lm, "update_memory", keep_everything)
         kept = run_stream(model, tokens, M)
@@ -111,7 +111,7 @@ def test_adaptive_memory_stays_bounded_by_L_plus_R_when_spans_reach_L():
         logits, extra = model(tokens[:, k : k + M], reset_memory=(k == 0))
         (logits.sum() + extra["adaptive_span_loss"]).backward()
         assert all(len(memory) <= L + R for memory in model.decoder.memory())
-    assert extra["mem_sizes"].tolist() == [L + R - 1] * 2
+    assert extra["mem_per_layer"].tolist() == [L + R - 1] * 2
 
 
 def test_adaptive_spans_are_kept_in_0_L_and_their_l1_loss_is_the_mean_over_heads_summed_over_layers():

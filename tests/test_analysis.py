@@ -231,7 +231,7 @@ def test_visualize_spans_reads_a_split_and_explains_bad_input(trained, tmp_path)
         (("--checkpoint", checkpoint, "--text", "abc xyz"), "4 characters of the text are not in the model"),
     ):
         result = run("python", "scripts/visualize_spans.py", *arguments, "--out", tmp_path / "x", check=False)
-        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
 @slow
@@ -244,7 +244,7 @@ def test_memory_curve_more_memory_is_not_worse_and_is_kept(trained, tmp_path):
     caps = record["caps"]
     assert [row["cap"] for row in caps] == ["2", "8", "32", "none"]
     bits = [row["bits_per_token"] for row in caps]
-    memory = [row["memory_mean"] for row in caps]
+    memory = [row["mem_avg"] for row in caps]
     assert bits[0] > bits[-1] + 1.0, bits  # cap 2 (+ ramp 8) cannot see 12 back: copying fails
     assert all(later <= earlier + 0.05 for earlier, later in zip(bits, bits[1:])), bits
     assert memory == sorted(memory) and memory[0] == BLOCK and memory[-1] > BLOCK, memory

@@ -101,4 +101,4 @@ def test_the_figure_7_analog_script_trains_and_scores_each_model(tmp_path):
     rows = json.loads(out.read_text())
     assert [(row["model"], row["L"]) for row in rows] == [("adaptive_span_lm", 68), ("compressive_lm", 68)]
     for row in rows:
-        assert 0 < row["test_bits_per_byte"] < 9 and row["memory_kept"] > 0
+        assert 0 < row["test_bits_per_byte"] < 9 and row["mem_avg"] > 0

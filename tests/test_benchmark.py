@@ -27,7 +27,7 @@ def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
     assert {("compressive_lm", "train"), ("compressive_lm", "eval")} <= kinds
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0
-        assert all(0 < kept <= 64 + 8 for kept in row["memory_per_layer"])  # L + R
+        assert all(0 < kept <= 64 + 8 for kept in row["mem_per_layer"])  # L + R
     (cached,) = [r for r in rows if r["model"] == "expire_span_lm" and r["mode"] == "eval+cache"]
     assert cached["cache_speedup"] > 0 and cached["cache_bound"] > 1
     assert "| cache speed-up (bound) |" in result.stdout
@@ -62,5 +62,5 @@ def test_benchmark_reports_generated_tokens_per_second_against_fixed_span_and_re
     assert followed and followed[0]["mode"] == "generate"  # L = S, the learned mean span (>= M)
     for row in rows:
         assert row["tokens_per_s"] > 0
-        assert all(0 < kept <= 64 + 8 for kept in row["memory_per_layer"])
+        assert all(0 < kept <= 64 + 8 for kept in row["mem_per_layer"])
     assert "| generate-recompute |" in result.stdout

@@ -64,7 +64,7 @@ def test_compressive_memory_stays_bounded_and_is_all_attended():
         logits, extra = model(tokens[:, k : k + M], reset_memory=(k == 0))
         logits.sum().backward()
         assert all(len(memory) <= n_mem + n_cmem for memory in model.decoder.memory())
-    assert extra["mem_sizes"].tolist() == [n_mem + n_cmem] * 2
+    assert extra["mem_per_layer"].tolist() == [n_mem + n_cmem] * 2
     # |C_t|: every query sees every entry before the block, and the block's earlier positions
     assert float(extra["attn_mem_avg"]) == pytest.approx(n_mem + n_cmem + (M - 1) / 2)
 

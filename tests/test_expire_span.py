@@ -133,7 +133,7 @@ def test_span_loss_of_the_layer_equals_the_dense_sum():
     distance_first = torch.cat([memory[0].distance, -torch.arange(8.0).expand(2, -1)], 1)
     valid = torch.cat([memory[0].valid, torch.ones(2, 8, dtype=torch.bool)], 1)
     dense, _ = dense_ramp_loss(spans - distance_first, 8, 4)
-    assert torch.allclose(extra["aux_loss"], (dense * valid).sum(), atol=1e-4)
+    assert torch.allclose(extra["span_loss"], (dense * valid).sum(), atol=1e-4)
 
 
 def test_span_predictor_gets_gradient_only_through_ramp_mask_and_aux():
@@ -144,14 +144,14 @@ def test_span_predictor_gets_gradient_only_through_ramp_mask_and_aux():
     logits, extra = model(tokens, reset_memory=True)  # first block: e = 8, R = 4, d <= 7: mask is 1, no ramp
     logits.sum().backward(retain_graph=True)
     assert predictor.proj.bias.grad is None or predictor.proj.bias.grad.abs().max() == 0
-    extra["aux_loss"].backward()
+    extra["span_loss"].backward()
     assert predictor.proj.bias.grad is None or predictor.proj.bias.grad.abs().max() == 0
     model.zero_grad()
     logits, extra = model(tokens)  # second block: memories at distances 9..11 are on the ramp
     logits.sum().backward(retain_graph=True)
     assert predictor.proj.bias.grad.abs().max() > 0
     model.zero_grad()
-    extra["aux_loss"].backward()
+    extra["span_loss"].backward()
     assert predictor.proj.bias.grad.abs().max() > 0
 
 
@@ -196,7 +196,7 @@ def test_memory_stays_bounded_when_spans_reach_L():
     tokens = torch.randint(4, 12, (2, 40 * M))
     for k in range(0, tokens.size(1), M):
         logits, extra = model(tokens[:, k : k + M], reset_memory=(k == 0))
-        extra["aux_loss"].backward()
+        extra["span_loss"].backward()
         assert all(len(memory) <= L + R for memory in model.decoder.memory())
         assert torch.isfinite(logits).all()
     assert extra["span_max"] == pytest.approx(L)

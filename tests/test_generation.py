@@ -75,7 +75,7 @@ def test_adaptive_span_token_by_token_log_probs_equal_block_processing(prompt, i
         blocks = log_probs(model, run_stream(model, tokens, block=8))
     steps, state = read_in_pieces(model, tokens, prompt)
     torch.testing.assert_close(log_probs(model, steps), blocks, atol=1e-5, rtol=0)
-    assert max(state.memory_sizes()) <= 12.3 + 3  # the memory follows the largest head span
+    assert max(state.mem_per_layer()) <= 12.3 + 3  # the memory follows the largest head span
 
 
 def test_compressive_refuses_token_by_token_decoding_in_one_line():

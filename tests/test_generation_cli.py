@@ -91,7 +91,7 @@ def test_token_by_token_log_probs_equal_eval_lm(trained):
                 (model.decoder.output_layer(features), None), log_probs=True
             )
             nll.append(-float(log_probs[0, 0, tokens[i + 1]]))
-            assert state.memory_sizes().max() <= 32 + 8  # L + R
+            assert state.mem_per_layer().max() <= 32 + 8  # L + R
     assert sum(nll) / len(nll) / math.log(2) == pytest.approx(eval_lm, abs=1e-4)
 
 
@@ -111,8 +111,8 @@ def test_generate_script_streams_text_and_reports_speed_and_memory(trained):
         "python", "scripts/generate.py", "--checkpoint", checkpoint / "checkpoint_best.pt",
         "--sampling-topp", 0, check=False,
     )  # fmt: skip
-    assert refused.returncode == 1 and refused.stderr.strip() == (
-        "error: --sampling-topp 0.0: must be in (0, 1] (1 samples among all)"
+    assert refused.returncode == 2 and refused.stderr.strip() == (
+        "generate.py: error: --sampling-topp 0.0: must be in (0, 1] (1 samples among all)"
     )
 
 

@@ -92,8 +92,8 @@ def test_half_precision_forward_is_finite_with_spans_pushed_to_L(dtype):
     tokens = torch.randint(4, 12, (2, 20 * M))
     for k in range(0, tokens.size(1), M):
         logits, extra = model(tokens[:, k : k + M], reset_memory=(k == 0))
-        (logits.float().logsumexp(-1).mean() + extra["aux_loss"]).backward()
-        assert torch.isfinite(logits).all() and torch.isfinite(extra["aux_loss"])
+        (logits.float().logsumexp(-1).mean() + extra["span_loss"]).backward()
+        assert torch.isfinite(logits).all() and torch.isfinite(extra["span_loss"])
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert extra["span_max"] == pytest.approx(L)
     assert min(len(memory) for memory in model.decoder.memory()) > L  # the memory reached L

@@ -18,7 +18,7 @@ LICENSES = Path("/usr/share/common-licenses")
 
 
 def english_text() -> bytes:
-    """Plain English present on every Debian machine (DESIGN.md section 4), about 100 KB."""
+    """Plain English present on every Debian machine (/usr/share/common-licenses), about 100 KB."""
     return b"".join((LICENSES / name).read_bytes() for name in ("GPL-3", "LGPL-2.1", "Apache-2.0"))
 
 

@@ -397,9 +397,9 @@ def test_loss_is_the_nll_plus_alpha_times_the_span_loss_per_stream_position(data
     scored = target.ne(PAD)
     nll = -torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)[scored].sum()
     positions = sample["net_input"]["src_tokens"].ne(PAD).sum()
-    assert extra["aux_loss"] != 0 and sample_size == scored.sum()
+    assert extra["span_loss"] != 0 and sample_size == scored.sum()
     assert (scored.sum() < positions / 10) if labelled else (scored.sum() == positions)
-    assert float(loss) == pytest.approx(float(nll + 0.5 * extra["aux_loss"] * scored.sum() / positions))
+    assert float(loss) == pytest.approx(float(nll + 0.5 * extra["span_loss"] * scored.sum() / positions))
     assert float(logging_output["nll_loss"]) == pytest.approx(float(nll))
 
 

@@ -51,10 +51,10 @@ class CapResult:
         return {
             "cap": cap_label(self.cap),
             "bits_per_token": round(self.run.bits_per_token(), 5),
-            "memory_mean": round(float(self.run.memory.mean()), 2),
-            "memory_per_layer": [round(float(kept), 2) for kept in self.run.memory],
-            "span_mean": round(float(self.run.spans.mean()), 2),
-            "keys_per_query": round(self.run.attended, 2),
+            "mem_avg": round(float(self.run.mem_per_layer.mean()), 2),
+            "mem_per_layer": [round(float(kept), 2) for kept in self.run.mem_per_layer],
+            "span_avg": round(float(self.run.spans.mean()), 2),
+            "attn_mem_avg": round(self.run.attn_mem_avg, 2),
         }
 
 
@@ -63,11 +63,10 @@ def evaluate_caps(
 ) -> Tuple[LoadedModel, List[CapResult]]:
     """Every cap of :func:`ordered_caps`, each on the whole split from a cold memory; the model (for its
     dictionary and sizes) and one result per cap."""
-    results, tokens = [], None
+    loaded = load_model(checkpoint, data, cpu=cpu)
+    tokens, results = loaded.split_tokens(split), []
     for cap in ordered_caps(caps):
-        loaded = load_model(checkpoint, data, inference_max_span=cap, cpu=cpu)
-        if tokens is None:
-            tokens = loaded.split_tokens(split)
+        loaded.model.decoder.inference_max_span = cap  # the evaluation option inference_max_span
         result = CapResult(cap, run_blocks(loaded, tokens, streams))
         logger.info(f"cap {cap_label(cap)}: {result.record()}")
         results.append(result)
@@ -82,21 +81,21 @@ def write_tables(results: List[CapResult], directory: Path, info: dict) -> Tuple
     """``memory_curve.csv`` (a row per cap, a column per layer) and ``memory_curve.json`` (with ``info``)."""
     directory.mkdir(parents=True, exist_ok=True)
     records = [result.record() for result in results]
-    layers = len(records[0]["memory_per_layer"])
+    layers = len(records[0]["mem_per_layer"])
     csv_path, json_path = directory / "memory_curve.csv", directory / "memory_curve.json"
     with open(csv_path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(
-            ["cap", "bits_per_token", "memory_mean", *(f"memory_l{i}" for i in range(layers)), "span_mean"]
+            ["cap", "bits_per_token", "mem_avg", *(f"mem_l{i}" for i in range(layers)), "span_avg"]
         )
         for record in records:
             writer.writerow(
                 [
                     record["cap"],
                     record["bits_per_token"],
-                    record["memory_mean"],
-                    *record["memory_per_layer"],
-                    record["span_mean"],
+                    record["mem_avg"],
+                    *record["mem_per_layer"],
+                    record["span_avg"],
                 ]
             )
     json_path.write_text(json.dumps({**info, "caps": records}, indent=2, ensure_ascii=False) + "\n")
@@ -111,7 +110,7 @@ def plot_curve(
     from matplotlib.ticker import FuncFormatter
 
     axes = figure.add_axes([0.12, 0.14, 0.83, 0.76])
-    memory = [float(result.run.memory.mean()) for result in results]
+    memory = [float(result.run.mem_per_layer.mean()) for result in results]
     bits = [result.run.bits_per_token() for result in results]
     axes.plot(memory, bits, marker="o", color="#a50f15")
     caps_at = {}  # caps that keep about the same memory for about the same loss share one label
@@ -146,7 +145,7 @@ def long_memory_tokens(
 ) -> dict:
     """The tokens whose loss drops most from cap ``short`` to cap ``long``, with the ``context`` tokens before."""
     if short.run.tokens.shape != long.run.tokens.shape:
-        raise AnalysisError("error: --compare needs two runs over the same tokens")
+        raise AnalysisError("--compare needs two runs over the same tokens")
     gain = (short.run.nll - long.run.nll) / math.log(2)  # N, bits; NaN where no token was predicted
     scored = ~gain.isnan()
     order = torch.argsort(gain.masked_fill(~scored, -math.inf), descending=True)[

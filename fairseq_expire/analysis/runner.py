@@ -1,8 +1,9 @@
 """A checkpoint with its dictionary, text to tokens and back, and a block-by-block run that records each token.
 
-The run cuts a token sequence into contiguous streams and blocks exactly as ``fairseq-eval-lm`` does with the
-``language_modeling_with_memory`` task (:class:`~fairseq_expire.data.streams.StreamLayout`, memory carried from
-a cold start), so its losses are the ones ``fairseq-eval-lm`` averages, now per token, next to the spans.
+The run cuts a token sequence into contiguous streams and blocks with the task's own batches
+(:class:`~fairseq_expire.data.streams.StreamBatches`, memory carried from a cold start), as ``fairseq-eval-lm``
+does with the ``language_modeling_with_memory`` task, so its losses are the ones ``fairseq-eval-lm`` averages, now
+per token, next to the spans.
 """
 
 import codecs
@@ -19,7 +20,8 @@ from fairseq import checkpoint_utils, utils
 from fairseq.data import Dictionary
 from torch import Tensor
 
-from fairseq_expire.data.streams import StreamLayout
+from fairseq_expire.data.streams import StreamBatches, StreamSplit, TokenSequence
+from fairseq_expire.errors import UsageError
 from fairseq_expire.prepare.output import RECORD
 from fairseq_expire.prepare.text import SentencePieceVocabulary
 from fairseq_expire.prepare.vocab import symbol_bytes, symbol_char, unknown_report
@@ -29,8 +31,8 @@ logger = logging.getLogger(__name__)
 TEXT_UNITS = ("bytes", "characters")
 
 
-class AnalysisError(SystemExit):
-    """A problem the user can fix; the message names it and the fix (scripts exit with it, no traceback)."""
+class AnalysisError(UsageError):
+    """A problem the user can fix; the message names it and the fix."""
 
 
 @dataclass
@@ -51,7 +53,7 @@ class Vocabulary:
             return torch.tensor(self.pieces.encode_lines(ended), dtype=torch.long)
         if self.unit not in TEXT_UNITS:
             raise AnalysisError(
-                "error: text can be encoded only for byte-, character- or sentencepiece-level models; this "
+                "text can be encoded only for byte-, character- or sentencepiece-level models; this "
                 "dictionary has other symbols (words): use --split with --offset/--length instead of --text"
             )
         if self.newlines == "drop":
@@ -67,7 +69,7 @@ class Vocabulary:
                 f"{name}: {count}" for name, count in unknown_report(missing, limit=10).items()
             )
             raise AnalysisError(
-                f"error: {sum(missing.values())} characters of the text are not in the model's dictionary "
+                f"{sum(missing.values())} characters of the text are not in the model's dictionary "
                 f"({listed}): the model never saw them in training. Remove or replace them in the text."
             )
         return torch.tensor([ids_of[char.encode("utf-8")] for char in text], dtype=torch.long)
@@ -165,12 +167,12 @@ class LoadedModel:
         try:
             self.task.load_dataset(split)
         except FileNotFoundError as error:
-            raise AnalysisError(f"error: {error}") from error
+            raise AnalysisError(f"{error}") from error
         tokens = self.task.dataset(split).tokens
         end = len(tokens) if length is None else min(offset + length, len(tokens))
         if not 0 <= offset < len(tokens):
             raise AnalysisError(
-                f"error: --offset {offset} is outside split '{split}' ({len(tokens)} tokens): use 0 <= offset < "
+                f"--offset {offset} is outside split '{split}' ({len(tokens)} tokens): use 0 <= offset < "
                 f"{len(tokens)}"
             )
         return tokens.read(offset, end)
@@ -187,14 +189,14 @@ def load_model(
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise AnalysisError(
-            f"error: checkpoint {checkpoint} not found: pass the .pt file fairseq-train wrote (its --save-dir, "
+            f"checkpoint {checkpoint} not found: pass the .pt file fairseq-train wrote (its --save-dir, "
             "e.g. checkpoints/checkpoint_best.pt); `python scripts/demo.py` trains a small one"
         )
     overrides = {"inference_max_span": inference_max_span}
     if data is not None:
         if not (Path(data) / "dict.txt").is_file():
             raise AnalysisError(
-                f"error: {data}/dict.txt not found: --data must be the data directory the model was trained on"
+                f"{data}/dict.txt not found: --data must be the data directory the model was trained on"
             )
         overrides["data"] = str(data)
     try:
@@ -203,12 +205,12 @@ def load_model(
         )
     except FileNotFoundError as error:  # the data directory recorded in the checkpoint has moved
         raise AnalysisError(
-            f"error: {error}. Pass --data DIR, the data directory the model was trained on"
+            f"{error}. Pass --data DIR, the data directory the model was trained on"
         ) from error
     model = models[0]
     if not callable(getattr(model, "reset_memory", None)):
         raise AnalysisError(
-            f"error: {checkpoint} holds a {type(model).__name__}, not a model with a memory: analyse an "
+            f"{checkpoint} holds a {type(model).__name__}, not a model with a memory: analyse an "
             "expire_span_lm or fixed_span_lm checkpoint"
         )
     if torch.cuda.is_available() and not cpu:
@@ -229,8 +231,10 @@ class BlockRun:
     tokens: Tensor  # N
     spans: Tensor  # layers x N   expire-span e of each token's memory (fixed-span models: L)
     nll: Tensor  # N   nats for predicting the token from those before it; NaN at a stream's first token
-    memory: Tensor  # layers   entries kept after a block, mean over blocks and streams, weighted by targets
-    attended: float = (
+    mem_per_layer: (
+        Tensor  # layers   entries kept after a block, mean over blocks and streams, weighted by targets
+    )
+    attn_mem_avg: float = (
         math.nan
     )  # keys attended per query (paper's |C_t|), mean over layers and blocks, likewise
 
@@ -254,24 +258,20 @@ def run_blocks(loaded: LoadedModel, tokens: Tensor, streams: int = 1) -> BlockRu
     N = len(tokens)
     if N < 2 * streams:
         raise AnalysisError(
-            f"error: {N} tokens cannot be cut into {streams} streams of at least two tokens: give a longer text "
+            f"{N} tokens cannot be cut into {streams} streams of at least two tokens: give a longer text "
             "or fewer --streams"
         )
-    layout = StreamLayout(0, N, streams, M)
+    batches = StreamBatches(StreamSplit("text", TokenSequence.in_memory(tokens), pad), streams, 1, 0, M)
     device = next(model.parameters()).device
     spans = torch.full((loaded.num_layers, N), math.nan)
     nll = torch.full((N,), math.nan)
     kept_sum, attended_sum, targets_seen = torch.zeros(loaded.num_layers), 0.0, 0
     with torch.no_grad():
-        for k in range(layout.num_blocks):
-            source = torch.full((streams, M), pad, dtype=torch.long)
-            target = torch.full((streams, M), pad, dtype=torch.long)
-            pieces = [layout.block(stream, k) for stream in range(streams)]
-            for row, (first, last) in enumerate(pieces):
-                inputs = tokens[first : min(last, first + M)]
-                source[row, : len(inputs)] = inputs
-                target[row, : last - first - 1] = tokens[first + 1 : last]
-            output = model(source.to(device), reset_memory=k == 0)
+        for k in range(len(batches)):
+            batch = batches[k]  # the task's batch k: block k of every stream
+            source, target = batch["net_input"]["src_tokens"], batch["target"]
+            pieces = [batches.layout.block(stream, k) for stream in batches.streams]
+            output = model(source.to(device), reset_memory=batch["net_input"]["reset_memory"])
             log_probs = model.get_normalized_probs(
                 output, log_probs=True, sample={"target": target.to(device)}
             )
@@ -284,7 +284,7 @@ def run_blocks(loaded: LoadedModel, tokens: Tensor, streams: int = 1) -> BlockRu
                 spans[:, first : first + inputs] = block_spans[:, row, :inputs]
                 nll[first + 1 : last] = token_nll[row, : last - first - 1]
             block_targets = int(target.ne(pad).sum())
-            kept_sum += output[1]["mem_sizes"].float().cpu() * block_targets
+            kept_sum += output[1]["mem_per_layer"].float().cpu() * block_targets
             attended_sum += float(output[1]["attn_mem_avg"]) * block_targets
             targets_seen += block_targets
     return BlockRun(tokens, spans, nll, kept_sum / max(targets_seen, 1), attended_sum / max(targets_seen, 1))

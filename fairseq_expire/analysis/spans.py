@@ -55,10 +55,10 @@ def apply_edit(text: str, edit: str) -> Tuple[str, int]:
     """
     old, separator, new = edit.partition("=")
     if not separator or not old:
-        raise AnalysisError(f"error: --edit {edit!r} is not OLD=NEW: write e.g. --edit Paris=Rome")
+        raise AnalysisError(f"--edit {edit!r} is not OLD=NEW: write e.g. --edit Paris=Rome")
     found = re.search(rf"(?<!\w){re.escape(old)}(?!\w)", text)
     if found is None:
-        raise AnalysisError(f"error: --edit: the word {old!r} does not occur in the text; pick one that does")
+        raise AnalysisError(f"--edit: the word {old!r} does not occur in the text; pick one that does")
     return text[: found.start()] + new + text[found.end() :], found.start()
 
 
@@ -81,9 +81,9 @@ def layer_summary(run: BlockRun) -> List[dict]:
     return [
         {
             "layer": layer + 1,
-            "mean_span": float(spans.mean()),
-            "max_span": float(spans.max()),
-            "memory_kept": float(run.memory[layer]),
+            "span_avg": float(spans.mean()),
+            "span_max": float(spans.max()),
+            "mem": float(run.mem_per_layer[layer]),
         }
         for layer, spans in enumerate(run.spans)
     ]
@@ -209,7 +209,7 @@ def new_figure(width: int, height: int):
         from matplotlib.figure import Figure
     except ImportError as error:
         raise AnalysisError(
-            "error: drawing PNGs needs matplotlib: pip install fairseq-expire[viz] (or pip install matplotlib)"
+            "drawing PNGs needs matplotlib: pip install fairseq-expire[viz] (or pip install matplotlib)"
         ) from error
     return Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
 

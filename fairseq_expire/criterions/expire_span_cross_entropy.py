@@ -59,7 +59,7 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
         ntokens = sample["ntokens"]
         # the loss is divided by ntokens (scored targets) later; the span loss is per stream position
         positions = sample["net_input"]["src_tokens"].ne(self.padding_idx).sum()
-        expire_loss = self.alpha * extra["aux_loss"] * ntokens / positions.clamp(min=1)
+        expire_loss = self.alpha * extra["span_loss"] * ntokens / positions.clamp(min=1)
         loss = nll_loss + expire_loss
         if "adaptive_span_loss" in extra:  # per batch: times ntokens, as the loss is divided by ntokens later
             adaptive_span_loss = self.adaptive_span_coefficient * extra["adaptive_span_loss"] * ntokens
@@ -79,7 +79,7 @@ class ExpireSpanCrossEntropyCriterion(FairseqCriterion):
             "span_max": weighted(extra["span_max"]),
             "attn_mem_avg": weighted(extra["attn_mem_avg"]),
         }
-        for i, kept in enumerate(extra["mem_sizes"]):
+        for i, kept in enumerate(extra["mem_per_layer"]):
             logging_output[f"mem_l{i}"] = weighted(kept)
         if "adaptive_span_loss" in extra:
             logging_output["adaptive_span_loss"] = adaptive_span_loss.data

@@ -76,6 +76,11 @@ class TokenSequence:
         self.lines = lines
         self.line_starts = np.concatenate([[0], np.cumsum(lines.sizes, dtype=np.int64)])
 
+    @classmethod
+    def in_memory(cls, tokens: torch.Tensor) -> "TokenSequence":
+        """``tokens`` (N) as a sequence of one line: a text the analysis tools run without binarizing it."""
+        return cls(_Lines([tokens.long()]))
+
     def __len__(self) -> int:
         return int(self.line_starts[-1])
 
@@ -88,6 +93,14 @@ class TokenSequence:
         tokens = torch.cat([self.lines[i].long() for i in range(first_line, end_line)])
         skip = begin - int(self.line_starts[first_line])
         return tokens[skip : skip + end - begin]
+
+
+class _Lines(list):
+    """Lines held in memory, with the ``sizes`` of fairseq's indexed datasets."""
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.array([len(line) for line in self], dtype=np.int64)
 
 
 class StreamSplit:

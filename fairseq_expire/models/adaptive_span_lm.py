@@ -12,14 +12,14 @@ from fairseq.models import register_model, register_model_architecture
 
 from fairseq_expire.models.expire_span_lm import (
     AT_LEAST_ONE,
-    ENWIK8_LAYERS,
-    TINY_LAYERS,
     ExpireSpanDecoder,
     FixedSpanLanguageModel,
     FixedSpanLMConfig,
     _set_defaults,
     check_model_options,
     check_option_rules,
+    enwik8_layers,
+    tiny_layers,
 )
 from fairseq_expire.modules.adaptive_span import AdaptiveSpanAttention
 from fairseq_expire.modules.expire_span import SpanRule
@@ -86,20 +86,12 @@ class AdaptiveSpanLanguageModel(FixedSpanLanguageModel):
 def adaptive_span_lm_enwik8(args):
     """The paper's Adaptive-Span baseline on enwik8 (Table 4): expire_span_lm_enwik8's Transformer-XL with a span
     per head, L = 16K, R = 32 (Adaptive-Span's ramp)."""
-    _set_defaults(
-        args,
-        **ENWIK8_LAYERS,
-        max_span=16384,
-        adaptive_span_ramp=32,
-    )
+    _set_defaults(args, max_span=16384, adaptive_span_ramp=32)
+    enwik8_layers(args)
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_lm_tiny")
 def adaptive_span_lm_tiny(args):
     """For tests and the demo corpus: 2 layers, 32 wide, L = 64, R = 8."""
-    _set_defaults(
-        args,
-        **TINY_LAYERS,
-        max_span=64,
-        adaptive_span_ramp=8,
-    )
+    _set_defaults(args, max_span=64, adaptive_span_ramp=8)
+    tiny_layers(args)

@@ -13,14 +13,14 @@ from fairseq.models import register_model, register_model_architecture
 from fairseq_expire.errors import UsageError
 from fairseq_expire.models.expire_span_lm import (
     AT_LEAST_ONE,
-    ENWIK8_LAYERS,
-    TINY_LAYERS,
     ExpireSpanDecoder,
     FixedSpanLanguageModel,
     MemoryLMConfig,
     _set_defaults,
     check_model_options,
     check_option_rules,
+    enwik8_layers,
+    tiny_layers,
 )
 from fairseq_expire.modules.compressive import compress_memory
 from fairseq_expire.modules.expire_span import SpanRule
@@ -53,7 +53,7 @@ class CompressiveDecoder(ExpireSpanDecoder):
     def span_rule(self, cfg, learned_spans: bool) -> SpanRule:
         return SpanRule(reach(cfg), 0, learned=False)
 
-    def update_layer_memory(self, memory, block, keys, span_limit, cache: bool):
+    def update_layer_memory(self, memory, block, projected, span_limit, cache: bool):
         return compress_memory(memory, block, *self.memory_sizes)
 
     def _read_token(self, token, state):
@@ -93,22 +93,12 @@ class CompressiveLanguageModel(FixedSpanLanguageModel):
 def compressive_lm_enwik8(args):
     """The paper's Compressive Transformer baseline (Table 4, A.2): expire_span_lm_enwik8's Transformer-XL with
     512 raw memories and 2K compressed by 4 (8.5K reach)."""
-    _set_defaults(
-        args,
-        **ENWIK8_LAYERS,
-        mem_size=512,
-        cmem_size=2048,
-        compression_rate=4,
-    )
+    _set_defaults(args, mem_size=512, cmem_size=2048, compression_rate=4)
+    enwik8_layers(args)
 
 
 @register_model_architecture("compressive_lm", "compressive_lm_tiny")
 def compressive_lm_tiny(args):
     """For tests and the demo corpus: 2 layers, 32 wide, 16 raw memories and 8 compressed by 4."""
-    _set_defaults(
-        args,
-        **TINY_LAYERS,
-        mem_size=16,
-        cmem_size=8,
-        compression_rate=4,
-    )
+    _set_defaults(args, mem_size=16, cmem_size=8, compression_rate=4)
+    tiny_layers(args)

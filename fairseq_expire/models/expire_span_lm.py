@@ -200,24 +200,24 @@ class ExpireSpanLayer(nn.Module):
     def forward(self, x, memory: LayerMemory, positions, span_limit):
         """x: B x M x H, the layer input. Returns the output, the projection of [memory ; block], the span
         loss and |C_t|."""
-        attended, keys, aux, attn_size = self.attention(
+        attention_out, projected, span_loss, attn_mem = self.attention(
             self._norm(x), self._past(memory), memory.distance, memory.valid, positions, span_limit
         )
-        return self._residual_and_feed_forward(x, attended), keys, aux, attn_size
+        return self._residual_and_feed_forward(x, attention_out), projected, span_loss, attn_mem
 
     def step(self, x, memory, positions, span_limit):
         """x: B x 1 x H, one new token per stream; ``memory`` a :class:`StepMemory`, or the :class:`LayerMemory`
         whole blocks left. Returns the output and the memory for the next token."""
         if isinstance(memory, LayerMemory):
             memory = StepMemory.after_blocks(memory, self._past(memory))
-        attended, memory = self.attention.step(self._norm(x), memory, positions, span_limit)
-        return self._residual_and_feed_forward(x, attended), memory
+        attention_out, memory = self.attention.step(self._norm(x), memory, positions, span_limit)
+        return self._residual_and_feed_forward(x, attention_out), memory
 
-    def _residual_and_feed_forward(self, x, attended):
+    def _residual_and_feed_forward(self, x, attention_out):
         if self.normalize_before:
-            h = x + attended
+            h = x + attention_out
             return h + self.feed_forward(self.ffn_norm(h))
-        h = self.attention_norm(x + attended)
+        h = self.attention_norm(x + attention_out)
         return self.ffn_norm(h + self.feed_forward(h))
 
 
@@ -232,7 +232,7 @@ class DecodingState:
     def in_blocks(self) -> bool:
         return self.memories is None or isinstance(self.memories[0], LayerMemory)
 
-    def memory_sizes(self) -> Optional[torch.Tensor]:
+    def mem_per_layer(self) -> Optional[torch.Tensor]:
         """Entries kept per layer, mean over streams (None before anything is read)."""
         if self.memories is None:
             return None
@@ -314,10 +314,10 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
             pre_div=getattr(cfg, "expire_span_pre_div", 1.0),
         )
 
-    def update_layer_memory(self, memory, block, keys, span_limit, cache: bool) -> LayerMemory:
-        """One layer's memory for the next block, from its memory, its input ``block`` and ``keys``, the
+    def update_layer_memory(self, memory, block, projected, span_limit, cache: bool) -> LayerMemory:
+        """One layer's memory for the next block, from its memory, its input ``block`` and ``projected``, the
         projection of [memory ; block] its attention used."""
-        return update_memory(memory, block, keys, self.rule, span_limit, cache)
+        return update_memory(memory, block, projected, self.rule, span_limit, cache)
 
     def check_weights(self, state_dict, prefix: str = "decoder.") -> None:
         """Refuse weights trained on another dictionary or block length, naming what differs (fairseq would say
@@ -346,6 +346,10 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         """The memory of the current mode (training or evaluation), per layer."""
         return self._memory.get(self.training)
 
+    def set_memory(self, memories: List[LayerMemory]) -> None:
+        """Continue the current mode's streams from ``memories`` (one per layer), e.g. a memory kept aside."""
+        self._memory[self.training] = list(memories)
+
     def forward(
         self, src_tokens, src_lengths=None, reset_memory: bool = False, incremental_state=None, **unused
     ):
@@ -370,7 +374,7 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         """Continue the streams of ``state`` with ``tokens`` (B x n), in evaluation: whole blocks go through
         block processing while only whole blocks were read (a prompt), then tokens are read one at a time with
         exactly the same masks, spans and position terms. Returns the features (B x n x H) and, per layer, the
-        entries kept (``mem_sizes``)."""
+        entries kept (``mem_per_layer``)."""
         if self.training:
             raise UsageError("decoding token by token is for evaluation: call model.eval() first")
         B, n = tokens.shape
@@ -390,7 +394,7 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
             if features
             else tokens.new_zeros(B, 0, self.embed_tokens.embedding_dim)
         )
-        return x, {"attn": None, "mem_sizes": state.memory_sizes()}
+        return x, {"attn": None, "mem_per_layer": state.mem_per_layer()}
 
     def _read_token(self, token, state: "DecodingState"):
         """One token per stream (B x 1) through every layer; the memories become :class:`StepMemory`."""
@@ -454,7 +458,7 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         mask_limit, deletion_limit = self._span_limits()
 
         cache = not self.training and self.cache_projections_in_eval
-        new_memories, spans_of_block, aux_loss, attended, kept = (
+        new_memories, spans_of_block, span_loss, attn_mem, kept = (
             [],
             [],
             x.new_zeros((), dtype=torch.float),
@@ -463,17 +467,17 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         )
         updates = []
         for layer, memory in zip(self.layers, memories):
-            out, keys, aux, attn_size = layer(x, memory, self.positions, mask_limit)
-            updates.append((memory, x, keys))
-            attended.append(attn_size)
-            if keys.spans is not None:
-                spans_of_block.append(keys.spans[:, -x.size(1) :].detach())
-                aux_loss = aux_loss + aux
+            out, projected, layer_span_loss, layer_attn_mem = layer(x, memory, self.positions, mask_limit)
+            updates.append((memory, x, projected))
+            attn_mem.append(layer_attn_mem)
+            if projected.spans is not None:
+                spans_of_block.append(projected.spans[:, -x.size(1) :].detach())
+                span_loss = span_loss + layer_span_loss
             x = out
         # The memory's size is data-dependent (what survives): each update reads it on the host. Updating after
         # the whole forward is queued keeps those syncs from draining a GPU's queue between layers.
-        for memory, block, keys in updates:
-            new_memories.append(self.update_layer_memory(memory, block, keys, deletion_limit, cache))
+        for memory, block, projected in updates:
+            new_memories.append(self.update_layer_memory(memory, block, projected, deletion_limit, cache))
             kept.append(new_memories[-1].valid.sum(1).float().mean())
 
         if self.final_norm is not None:
@@ -485,14 +489,14 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
             span = min(self.rule.max_span, deletion_limit or self.rule.max_span)
             block_spans = torch.full((len(self.layers), B, M), float(span), device=x.device)
         extra = {
-            "aux_loss": aux_loss,
+            "span_loss": span_loss,  # sum over layers and memories of the ramp terms (paper 4.2)
             "spans": block_spans,  # expire-span of each token of the block, per layer
             "span_avg": block_spans.mean(),
             # largest span of each stream's block, mean over streams: unlike a batch maximum, the same figure
             # whichever way the streams are spread over GPUs (logging outputs are summed across ranks)
             "span_max": block_spans.amax(dim=(0, 2)).mean(),
-            "mem_sizes": torch.stack(kept).detach(),  # entries kept per layer, mean over streams
-            "attn_mem_avg": torch.stack(attended).mean(),  # paper's |C_t|, mean over layers
+            "mem_per_layer": torch.stack(kept).detach(),  # entries kept per layer, mean over streams
+            "attn_mem_avg": torch.stack(attn_mem).mean(),  # paper's |C_t|, mean over layers
         }
         return x, new_memories, extra
 
@@ -580,69 +584,53 @@ def _set_defaults(args, **defaults):
             setattr(args, name, value)
 
 
-# The layers of the paper's enwik8 model (Table 2, 38M params on bytes) and of the tests' tiny one, shared by every
-# memory scheme's preset (paper 5.1: the same Transformer-XL under each).
-ENWIK8_LAYERS = dict(
-    decoder_layers=12,
-    decoder_embed_dim=512,
-    decoder_ffn_embed_dim=2048,
-    decoder_attention_heads=8,
-    dropout=0.3,
-    attention_dropout=0.3,
-)
-TINY_LAYERS = dict(
-    decoder_layers=2,
-    decoder_embed_dim=32,
-    decoder_ffn_embed_dim=64,
-    decoder_attention_heads=2,
-    dropout=0.0,
-    attention_dropout=0.0,
-)
+def transformer_xl(args, layers: int, width: int, ffn: int, heads: int, dropout: float) -> None:
+    """The Transformer-XL under every memory scheme (paper 5.1), for what the command left unset; dropout also in
+    the attention."""
+    _set_defaults(
+        args,
+        decoder_layers=layers,
+        decoder_embed_dim=width,
+        decoder_ffn_embed_dim=ffn,
+        decoder_attention_heads=heads,
+        dropout=dropout,
+        attention_dropout=dropout,
+    )
+
+
+def enwik8_layers(args, dropout: float = 0.3) -> None:
+    """The paper's enwik8 model (Table 2): 12 layers, 512 wide, 8 heads; 38M parameters on bytes."""
+    transformer_xl(args, 12, 512, 2048, 8, dropout)
+
+
+def tiny_layers(args) -> None:
+    """For tests and the demo corpus: 2 layers, 32 wide, 2 heads, no dropout."""
+    transformer_xl(args, 2, 32, 64, 2, 0.0)
+
+
+# Named presets: each fills in what the command line left unset (the command itself is checked by
+# fairseq_expire.usage before fairseq parses it), then its layers.
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_enwik8")
 def expire_span_lm_enwik8(args):
-    """Paper Table 2: 12 layers, 512 wide, 8 heads, L = 16K, R = 128, noisy spans; 38M params on bytes."""
-    _set_defaults(
-        args,
-        **ENWIK8_LAYERS,
-        max_span=16384,
-        expire_span_ramp=128,
-        expire_span_noisy=True,
-    )
+    """Paper Table 2: the enwik8 layers, L = 16K, R = 128, noisy spans."""
+    _set_defaults(args, max_span=16384, expire_span_ramp=128, expire_span_noisy=True)
+    enwik8_layers(args)
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_enwik8_small")
 def expire_span_lm_enwik8_small(args):
     """Reference small enwik8 config: 8 layers, 256 wide, 4 heads, L = 4K, R = 64, pre_div 64, no dropout."""
-    _set_defaults(
-        args,
-        decoder_layers=8,
-        decoder_embed_dim=256,
-        decoder_ffn_embed_dim=1024,
-        decoder_attention_heads=4,
-        dropout=0.0,
-        attention_dropout=0.0,
-        max_span=4096,
-        expire_span_ramp=64,
-        expire_span_pre_div=64.0,
-    )
+    _set_defaults(args, max_span=4096, expire_span_ramp=64, expire_span_pre_div=64.0)
+    transformer_xl(args, 8, 256, 1024, 4, dropout=0.0)
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_pg19")
 def expire_span_lm_pg19(args):
-    """Paper A.2.4 (PG-19, characters): 12 layers, 512 wide, 8 heads, dropout 0.2, L = 16K (8K..32K), R = 128."""
-    _set_defaults(
-        args,
-        decoder_layers=12,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=2048,
-        decoder_attention_heads=8,
-        dropout=0.2,
-        attention_dropout=0.2,
-        max_span=16384,
-        expire_span_ramp=128,
-    )
+    """Paper A.2.4 (PG-19, characters): the enwik8 layers with dropout 0.2, L = 16K (8K..32K), R = 128."""
+    _set_defaults(args, max_span=16384, expire_span_ramp=128)
+    enwik8_layers(args, dropout=0.2)
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_collision")
@@ -650,17 +638,12 @@ def expire_span_lm_collision(args):
     """Paper A.2.3 (colliding objects): 6 layers, 512 wide, 4 heads, pre-norm, p = 0.01, L = 16K, R = 128."""
     _set_defaults(
         args,
-        decoder_layers=6,
-        decoder_embed_dim=512,
-        decoder_ffn_embed_dim=1024,
-        decoder_attention_heads=4,
         decoder_normalize_before=True,
-        dropout=0.1,
-        attention_dropout=0.1,
         max_span=16384,
         expire_span_ramp=128,
         expire_span_init_percentage=0.01,
     )
+    transformer_xl(args, 6, 512, 1024, 4, dropout=0.1)
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_wt103")
@@ -668,12 +651,6 @@ def expire_span_lm_wt103(args):
     """Paper A.1.1 / A.2.4 (Wikitext-103, words): 8 layers, 1024 wide, L = 8K, adaptive input and softmax."""
     _set_defaults(
         args,
-        decoder_layers=8,
-        decoder_embed_dim=1024,
-        decoder_ffn_embed_dim=4096,
-        decoder_attention_heads=8,
-        dropout=0.3,
-        attention_dropout=0.3,
         embedding_dropout=0.2,
         max_span=8192,
         expire_span_ramp=128,
@@ -683,34 +660,25 @@ def expire_span_lm_wt103(args):
         adaptive_softmax_dropout=0.2,
         tie_adaptive_weights=True,
     )
+    transformer_xl(args, 8, 1024, 4096, 8, dropout=0.3)
 
 
 @register_model_architecture("expire_span_lm", "expire_span_lm_tiny")
 def expire_span_lm_tiny(args):
-    """For tests and the demo: 2 layers, 32 wide, L = 64, R = 8."""
-    _set_defaults(
-        args,
-        **TINY_LAYERS,
-        max_span=64,
-        expire_span_ramp=8,
-    )
+    """For tests and the demo: the tiny layers, L = 64, R = 8."""
+    _set_defaults(args, max_span=64, expire_span_ramp=8)
+    tiny_layers(args)
 
 
 @register_model_architecture("fixed_span_lm", "fixed_span_lm_enwik8")
 def fixed_span_lm_enwik8(args):
-    """The paper's Transformer-XL 12L baseline (Table 2): as expire_span_lm_enwik8 with a fixed span."""
-    _set_defaults(
-        args,
-        **ENWIK8_LAYERS,
-        max_span=512,
-    )
+    """The paper's Transformer-XL 12L baseline (Table 2): the enwik8 layers with a fixed span of 512."""
+    _set_defaults(args, max_span=512)
+    enwik8_layers(args)
 
 
 @register_model_architecture("fixed_span_lm", "fixed_span_lm_tiny")
 def fixed_span_lm_tiny(args):
-    """For tests: the tiny preset with a fixed span of 64."""
-    _set_defaults(
-        args,
-        **TINY_LAYERS,
-        max_span=64,
-    )
+    """For tests: the tiny layers with a fixed span of 64."""
+    _set_defaults(args, max_span=64)
+    tiny_layers(args)

@@ -4,7 +4,7 @@ Split (the literature's): the first N - V - T bytes train, the next V valid, the
 each 5% of the file, which is 5,000,000 bytes on the real 100,000,000-byte enwik8 (90M / 5M / 5M); other sizes (a
 sample, a test file) keep those fractions, and ``--valid-bytes`` / ``--test-bytes`` set them exactly.
 
-Newlines (DESIGN.md section 4): ``--newlines drop`` removes them, as Transformer-XL and the Expire-Span paper do
+Newlines: ``--newlines drop`` removes them, as Transformer-XL and the Expire-Span paper do
 (the paper's 0.994 bpb is over the non-newline bytes); ``--newlines eos`` makes each one the token ``</s>``, as
 fairseq's adaptive-span recipe does. Say which one a reported number uses.
 
