@@ -115,6 +115,15 @@ def test_fairseq_arguments_are_checked_with_fairseqs_parser(tiny_data, tmp_path)
         parse_train_args(args + ["--max-spam", "64"])
     with pytest.raises(LaunchError, match="data directory .* does not exist"):
         parse_train_args([str(tmp_path / "no-data"), *args[1:]])
+    short = [str(tiny_data), "--user-dir", "fairseq_expire", "--arch", "expire_span_lm_tiny", "--cpu"]
+    completed = parse_train_args(short).namespace  # the card's short form, completed as fairseq-train does
+    assert (completed.task, completed.criterion) == (
+        "language_modeling_with_memory",
+        "expire_span_cross_entropy",
+    )
+    full = [*short, "--task", "language_modeling_with_memory", "--criterion", "expire_span_cross_entropy"]
+    with pytest.raises(LaunchError, match="--batch-size N is required"):
+        parse_train_args(full)
     with pytest.raises(LaunchError, match="--distributed-world-size .the launcher sets it"):
         check_not_launcher_options(args + ["--distributed-world-size", "8"], cpu=True)
     with pytest.raises(LaunchError, match="--ddp-backend .CPU runs use legacy_ddp"):
