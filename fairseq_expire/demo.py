@@ -33,6 +33,7 @@ BLOCK = 64
 MAX_SPAN = 2048
 CAPS = [16, 32, 64, 128, 256]
 PASSAGE = (2000, 110)  # offset and length (bytes) of the test passage whose spans are drawn (legible)
+SAMPLE = dict(prompt="The Licensee", max_tokens=200, sampling_topp=0.9, temperature=0.8, seed=1)  # the ending
 PLUGIN = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 # Both models: 3 layers of 64, block 64, 8 streams, Adam 2e-3; only how memories are kept differs.
@@ -162,6 +163,30 @@ def span_map(record: Record, checkpoint: Path, stem: Path) -> List[Path]:
     return [png_path, html_path]
 
 
+def sample(record: Record, checkpoint: Path) -> List[str]:
+    """A short generation from the model, as scripts/generate.py makes it: the text and what it cost."""
+    from fairseq_expire.analysis.runner import load_model
+    from fairseq_expire.generate import GenerateConfig, generate
+
+    options = [word for name, value in SAMPLE.items() for word in (f"--{name.replace('_', '-')}", value)]
+    record.add([Path(sys.executable), "scripts/generate.py", "--checkpoint", checkpoint, *options, "--cpu"],
+               "a generation from the Expire-Span model")  # fmt: skip
+    loaded = load_model(checkpoint, cpu=True)
+    decode, pieces = loaded.vocabulary.text_decoder(), []
+    config = GenerateConfig(checkpoint=checkpoint, cpu=True, **SAMPLE)
+    result = generate(
+        loaded.model, loaded.vocabulary.encode(config.prompt), config, lambda t: pieces.append(decode(t))
+    )
+    text = (config.prompt + "".join(pieces)).splitlines() or [""]
+    memory = " / ".join(f"{kept:.0f}" for kept in result.mem_per_layer)
+    return [
+        f'A generation from expire_span_lm ({config.max_tokens} bytes after "{config.prompt}", top-p '
+        f"{config.sampling_topp}, temperature {config.temperature}; memory kept per layer at the end: {memory}):",
+        "",
+        *(f"    {line}" for line in text),
+    ]
+
+
 def table(rows: List[dict]) -> List[str]:
     lines = [
         "| model | test bits/byte | memory kept per layer | keys attended per query | training time |",
@@ -248,7 +273,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     fixed = train(record, "fixed_span_lm", [*common, "--arch", "fixed_span_lm_tiny", "--max-span", span],
                   args.updates, checkpoints / "fixed_span_lm", logs / "fixed_span_lm.log")  # fmt: skip
 
-    print("[4/4] scoring the test split, drawing the span map and the bits-vs-memory curve", flush=True)
+    print(
+        "[4/4] scoring the test split, drawing the span map and the bits-vs-memory curve, generating",
+        flush=True,
+    )
     best = "checkpoint_best.pt"
     curve, curve_seconds = evaluate(record, checkpoints / "expire_span_lm" / best, CAPS, figures,
                                     "expire_span_lm on test: spans capped at inference")  # fmt: skip
@@ -264,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         *table(rows),
         "",
         *meaning(rows[0], rows[1], capped, args.updates),
+        "",
+        *sample(record, checkpoints / "expire_span_lm" / best),
         "",
         "figures: " + ", ".join(shown(path) for path in pictures),
         f"commands: {shown(record.path)}; full fairseq logs: {shown(logs)}",

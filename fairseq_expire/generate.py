@@ -102,7 +102,9 @@ def generate(model, prompt: Tensor, config: GenerateConfig, on_token: Callable[[
     if len(prompt) == 0:
         prompt = torch.tensor([dictionary.eos()])
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    forbidden = [dictionary.pad(), dictionary.bos()]
+    # never in the data: padding, beginning of sentence, and the symbols that pad the dictionary to a multiple of 8
+    padding = [i for i, symbol in enumerate(dictionary.symbols) if symbol.startswith("madeupword")]
+    forbidden = [dictionary.pad(), dictionary.bos(), *padding]
     state = DecodingState()
     with torch.no_grad():
         start = time.perf_counter()

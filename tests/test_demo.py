@@ -21,10 +21,14 @@ def test_demo_trains_both_models_and_reports_a_table_and_figures(tmp_path):
     for _, bits, memory, keys, _ in rows:
         assert 0 < float(bits) < 8.1 and float(memory) > 0 and float(keys) > 0  # 20 updates: about uniform
     assert abs(float(rows[1][2]) - span) <= 2  # the baseline keeps the memory Expire-Span kept
-    assert "bits/byte" in output.split("\n\n")[-2]  # the lines saying what the table means
+    paragraphs = output.split("\n\n")
+    assert "bits/byte" in paragraphs[-4]  # the lines saying what the table means
+    assert paragraphs[-3].startswith('A generation from expire_span_lm (200 bytes after "The Licensee"')
+    assert paragraphs[-2].startswith("    The Licensee") and len(paragraphs[-2]) > len("    The Licensee")
     figures = tmp_path / "figures"
     for name in ("spans.png", "spans.html", "memory_curve.png", "memory_curve.csv"):
         assert (figures / name).stat().st_size > 0 and str(figures / name) in output
     assert (tmp_path / "report.md").read_text().startswith("| model |")
     commands = (tmp_path / "commands.sh").read_text()
     assert commands.count("fairseq-train ") == 2 and "scripts/visualize_spans.py" in commands
+    assert "scripts/generate.py" in commands

@@ -4,9 +4,11 @@ import pytest
 import torch
 from test_adaptive_span import make_adaptive
 from test_compressive import make_compressive
-from test_expire_span import make_model, run_stream
+from test_expire_span import layer_options, make_dictionary, make_model, run_stream
 
+import fairseq_expire.models.expire_span_lm as lm
 from fairseq_expire.errors import UsageError
+from fairseq_expire.generate import GenerateConfig, generate
 from fairseq_expire.models.expire_span_lm import DecodingState
 
 
@@ -127,3 +129,19 @@ def test_memory_stays_within_l_plus_r_and_rss_flat_however_long_the_generation(l
                 before = resident_mb()
     assert largest <= L + R - 1 if learned else largest == L
     assert resident_mb() - before < 2.0
+
+
+def test_sampling_never_draws_padding_or_the_symbols_that_fill_the_dictionary():
+    """fairseq pads a dictionary to a multiple of 8 with madeupwordNNNN symbols that no data contains."""
+    dictionary = make_dictionary(10)  # 4 specials + 10 symbols, padded to 16 by two madeupwords
+    dictionary.pad_to_multiple_(8)
+    fillers = [i for i, symbol in enumerate(dictionary.symbols) if symbol.startswith("madeupword")]
+    config = lm.ExpireSpanLMConfig(**layer_options(8), max_span=32, expire_span_ramp=4)
+    model = lm.ExpireSpanLanguageModel(lm.ExpireSpanDecoder(config, dictionary, True)).eval()
+    with torch.no_grad():  # make the never-seen symbols by far the most likely
+        model.decoder.output_projection.bias[[dictionary.pad(), dictionary.bos(), *fillers]] = 50.0
+    drawn = []
+    settings = GenerateConfig(max_tokens=200, seed=0)
+    generate(model, torch.tensor([dictionary.eos()]), settings, drawn.append)
+    assert len(fillers) == 2 and len(drawn) == 200
+    assert not {dictionary.pad(), dictionary.bos(), *fillers} & set(drawn)
