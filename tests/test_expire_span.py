@@ -2,6 +2,7 @@
 
 import argparse
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -50,7 +51,9 @@ def make_model(learned=True, block=8, layers=1, max_span=32, ramp=4, init=0.25, 
         options.update(expire_span_ramp=ramp, expire_span_init_percentage=init)
     options.update(overrides)
     model_class = lm.ExpireSpanLanguageModel if learned else lm.FixedSpanLanguageModel
-    return model_class(lm.ExpireSpanDecoder(config_class(**options), make_dictionary(), learned))
+    return model_class.build_model(
+        config_class(**options), SimpleNamespace(target_dictionary=make_dictionary())
+    )
 
 
 def run_stream(model, tokens, block):

@@ -1,5 +1,7 @@
 """Token-by-token decoding (generation) against block processing, and its memory bound."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from test_adaptive_span import make_adaptive
@@ -137,7 +139,9 @@ def test_sampling_never_draws_padding_or_the_symbols_that_fill_the_dictionary():
     dictionary.pad_to_multiple_(8)
     fillers = [i for i, symbol in enumerate(dictionary.symbols) if symbol.startswith("madeupword")]
     config = lm.ExpireSpanLMConfig(**layer_options(8), max_span=32, expire_span_ramp=4)
-    model = lm.ExpireSpanLanguageModel(lm.ExpireSpanDecoder(config, dictionary, True)).eval()
+    model = lm.ExpireSpanLanguageModel.build_model(
+        config, SimpleNamespace(target_dictionary=dictionary)
+    ).eval()
     with torch.no_grad():  # make the never-seen symbols by far the most likely
         model.decoder.output_projection.bias[[dictionary.pad(), dictionary.bos(), *fillers]] = 50.0
     drawn = []
