@@ -82,6 +82,28 @@ def test_bf16_attention_agrees_with_fp32_in_values_and_gradients(limit):
         assert relative_error(results["bf16"][key].detach(), value.detach()) < ATTENTION_RTOL, key
 
 
+def test_bf16_fused_training_attention_agrees_with_the_plain_path():
+    """The same bf16 model through the fused kernels and the plain path: outputs and gradients (the position
+    table and the spans included) within ATTENTION_RTOL of each other."""
+    torch.manual_seed(0)
+    model = make_model(block=8, max_span=32, ramp=4, init=0.4)
+    attention = model.decoder.layers[0].attention
+    torch.nn.init.normal_(attention.span_predictor.proj.weight, std=1.0)
+    model = model.to(torch.bfloat16)
+    block, memory = attention_inputs(torch.bfloat16)
+    parameters = [block, *model.parameters()]
+    results = {}
+    for kernel in ("auto", "plain"):
+        model.decoder.layers[0].attention.kernel = kernel
+        out, *_ = attend(model, block, memory)
+        results[kernel] = [
+            out,
+            *torch.autograd.grad(out.float().square().sum(), parameters, allow_unused=True),
+        ]
+    for fused, plain in zip(results["auto"], results["plain"]):
+        assert (fused is None and plain is None) or relative_error(fused, plain) < ATTENTION_RTOL
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_is_finite_with_spans_pushed_to_L(dtype):
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ from fairseq_expire.models.expire_span_lm import (
     FixedSpanLMConfig,
     _guard,
     _set_defaults,
+    attention_kernel,
     check_model_options,
     check_option_rules,
 )
@@ -47,6 +48,7 @@ class AdaptiveSpanDecoder(ExpireSpanDecoder):
             self.rule,
             cfg.attention_dropout,
             cfg.adaptive_span_init,
+            kernel=attention_kernel(cfg),
         )
 
     def head_spans(self) -> torch.Tensor:

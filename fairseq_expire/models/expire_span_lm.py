@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fairseq import options
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     ARCH_CONFIG_REGISTRY,
     FairseqIncrementalDecoder,
@@ -54,6 +54,14 @@ class MemoryLMConfig(FairseqDataclass):
     decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads K (D = H / K)"})
     dropout: float = field(default=0.3, metadata={"help": "dropout on the feed-forward hidden layer"})
     attention_dropout: float = field(default=0.3, metadata={"help": "dropout on attention probabilities"})
+    attention_kernel: ChoiceEnum(["auto", "plain"]) = field(
+        default="auto",
+        metadata={
+            "help": "training attention: auto = fused kernels with exact gradients, keeping O(B K M D) per "
+            "layer instead of the B x K x M x T probabilities (the plain path where attention dropout > 0, "
+            "logged); plain = the plain reference path"
+        },
+    )
     embedding_dropout: float = field(
         default=0.0, metadata={"help": "dropout on the embedding output and the last layer's output"}
     )
@@ -170,6 +178,11 @@ def check_model_options(cfg, learned_spans: bool) -> None:
             f"--tokens-per-sample {cfg.tokens_per_sample} is longer than --max-span {cfg.max_span}: a block must "
             "fit in the span (the previous block is always attended). Use --max-span >= --tokens-per-sample."
         )
+
+
+def attention_kernel(cfg) -> str:
+    """``--attention-kernel`` (configurations saved before it existed: auto)."""
+    return str(getattr(cfg, "attention_kernel", None) or "auto")
 
 
 class ExpireSpanLayer(nn.Module):
@@ -314,6 +327,7 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
             cfg.attention_dropout,
             init_percentage=getattr(cfg, "expire_span_init_percentage", 0.1),
             pre_div=getattr(cfg, "expire_span_pre_div", 1.0),
+            kernel=attention_kernel(cfg),
         )
 
     def update_layer_memory(self, memory, block, keys, span_limit, cache: bool) -> LayerMemory:
