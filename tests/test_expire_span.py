@@ -441,16 +441,16 @@ def compare_kernels(model, block, memory, limit=None, mask_of_distance=None, ato
     names = ["block", *dict(model.named_parameters())]
     weight = torch.randn(block.shape, generator=torch.Generator().manual_seed(1))
     results = {}
-    for kernel in ("auto", "plain"):
+    for kernel in ("fused", "plain"):
         attention.kernel = kernel
-        assert (attention._plain_reason(block) is None) == (kernel == "auto")
+        assert (attention._plain_reason(block) is None) == (kernel == "fused")
         out, *_ = attention(
             block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
         )
         results[kernel] = out, torch.autograd.grad((out * weight).sum(), parameters, allow_unused=True)
     slow, _ = reference_attention(attention, block, memory, positions, limit, mask_of_distance)
     results["paper"] = slow, torch.autograd.grad((slow * weight).sum(), parameters, allow_unused=True)
-    fused, fused_grads = results["auto"]
+    fused, fused_grads = results["fused"]
     assert torch.equal(fused[-1, 0], torch.zeros_like(fused[-1, 0]))  # a row that sees nothing
     for other in ("plain", "paper"):
         out, grads = results[other]

@@ -54,10 +54,10 @@ class MemoryLMConfig(FairseqDataclass):
     decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads K (D = H / K)"})
     dropout: float = field(default=0.3, metadata={"help": "dropout on the feed-forward hidden layer"})
     attention_dropout: float = field(default=0.3, metadata={"help": "dropout on attention probabilities"})
-    attention_kernel: ChoiceEnum(["auto", "plain"]) = field(
-        default="auto",
+    attention_kernel: ChoiceEnum(["fused", "plain"]) = field(
+        default="fused",
         metadata={
-            "help": "training attention: auto = fused kernels with exact gradients, keeping O(B K M D) per "
+            "help": "training attention: fused = fused kernels with exact gradients, keeping O(B K M D) per "
             "layer instead of the B x K x M x T probabilities (the plain path where attention dropout > 0, "
             "logged); plain = the plain reference path"
         },
@@ -181,8 +181,8 @@ def check_model_options(cfg, learned_spans: bool) -> None:
 
 
 def attention_kernel(cfg) -> str:
-    """``--attention-kernel`` (configurations saved before it existed: auto)."""
-    return str(getattr(cfg, "attention_kernel", None) or "auto")
+    """``--attention-kernel`` (configurations saved before it existed: fused)."""
+    return str(getattr(cfg, "attention_kernel", None) or "fused")
 
 
 class ExpireSpanLayer(nn.Module):

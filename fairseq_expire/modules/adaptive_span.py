@@ -50,7 +50,7 @@ class AdaptiveSpanAttention(ExpireSpanAttention):
         rule: SpanRule,
         attention_dropout: float,
         init_fraction,
-        kernel: str = "auto",
+        kernel: str = "fused",
     ):
         # built as a fixed-span attention (no span predictor), then given the per-head spans
         super().__init__(

@@ -80,7 +80,8 @@ class SpanPredictor(nn.Module):
         nn.init.constant_(self.proj.bias, math.log(init_percentage / (1.0 - init_percentage)))
 
     def forward(self, hidden: Tensor) -> Tensor:  # B x T x H -> B x T
-        logit = F.linear(hidden.float() / self.pre_div, self.proj.weight.float(), self.proj.bias.float())
+        # w . (h / pre_div) as (w / pre_div) . h: autograd keeps h itself, not a B x T x H copy of it
+        logit = F.linear(hidden.float(), self.proj.weight.float() / self.pre_div, self.proj.bias.float())
         return self.max_span * torch.sigmoid(logit.squeeze(-1))
 
 
@@ -281,7 +282,7 @@ def _log_once(message: str) -> None:
 class ExpireSpanAttention(nn.Module):
     """Multi-head attention over [memory ; block] with learned expiration, and the memory update after it.
 
-    ``kernel``: "auto" trains through the fused kernels (:class:`_FusedSpanAttention`) where they can (no
+    ``kernel``: "fused" trains through the fused kernels (:class:`_FusedSpanAttention`) where they can (no
     attention dropout, a kernel for the device), else the plain path; "plain": always the plain reference path
     (the B x K x M x T scores and probabilities, kept for the backward).
     """
@@ -294,13 +295,13 @@ class ExpireSpanAttention(nn.Module):
         attention_dropout: float,
         init_percentage: float = 0.1,
         pre_div: float = 1.0,
-        kernel: str = "auto",
+        kernel: str = "fused",
     ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"--decoder-embed-dim {hidden_size} is not divisible by {num_heads} heads")
-        if kernel not in ("auto", "plain"):
-            raise ValueError(f"attention kernel {kernel!r}: must be auto or plain")
+        if kernel not in ("fused", "plain"):
+            raise ValueError(f"attention kernel {kernel!r}: must be fused or plain")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.rule = rule
@@ -419,7 +420,7 @@ class ExpireSpanAttention(nn.Module):
         reason = self._plain_reason(q)
         if reason is None:
             return _FusedSpanAttention.apply(q, k, v, mask.remaining, positions.weight, mask, positions)
-        if self.kernel == "auto":
+        if self.kernel == "fused":
             _log_once(reason)
         return self._plain_attention(q, k, v, mask, positions)
 
