@@ -127,15 +127,16 @@ def attention_bytes_per_layer(
     kernel: str, B: int, K: int, M: int, T: int, D: int, H: int, size: int = 4
 ) -> int:
     """What one layer's training attention keeps for the backward, in bytes (``size``: bytes per element of the
-    model's dtype). Both paths keep q and the output (B x M x H), the keys and values of all T positions
-    (B x T x H each) and the per-key ``r`` (B x T, fp32); the fused path adds the log-sum-exp (B x K x M, fp32),
-    the plain one the probabilities of every head, query and key (B x K x M x T) and the position band's scores
-    (B x K x M x 2M). H = K * D."""
+    model's dtype; H = K * D). Both paths keep q and the output (B x M x H each) and the per-key ``r`` (B x T,
+    fp32). The plain path adds the keys and values of all T positions (B x T x H each), the probabilities of
+    every head, query and key (B x K x M x T) and the position band's scores (B x K x M x 2M); the fused path
+    only the log-sum-exp (B x K x M, fp32), since it projects the keys and values again from the layer inputs
+    that the projections keep in both paths (not counted)."""
     assert H == K * D
-    common = size * (2 * B * M * H + 2 * B * T * H) + 4 * B * T
+    common = size * 2 * B * M * H + 4 * B * T
     if kernel == "fused":
         return common + 4 * B * K * M
-    return common + size * B * K * M * (T + 2 * M)
+    return common + size * (2 * B * T * H + B * K * M * (T + 2 * M))
 
 
 def predicted_row_mb(row: dict, cfg: dict) -> float:

@@ -33,6 +33,7 @@ from fairseq_expire.errors import UsageError
 from fairseq_expire.modules.expire_span import (
     ExpireSpanAttention,
     LayerMemory,
+    Projection,
     RelativePositionTable,
     SpanRule,
     StepMemory,
@@ -480,7 +481,9 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         updates = []
         for layer, memory in zip(self.layers, memories):
             out, keys, aux, attn_size = layer(x, memory, self.positions, mask_limit)
-            updates.append((memory, x, keys))
+            # without the cache the update needs only the spans: holding every layer's keys and values until
+            # then would keep them all at once
+            updates.append((memory, x, keys if cache else Projection(None, None, keys.spans)))
             attended.append(attn_size)
             if keys.spans is not None:
                 spans_of_block.append(keys.spans[:, -x.size(1) :].detach())

@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -33,11 +33,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Projection:
-    """Keys and values (B x T x H) and expire-spans (B x T, fp32; None for fixed spans) of T positions."""
+    """Keys and values (B x T x H; None where only the spans are needed) and expire-spans (B x T, fp32; None for
+    fixed spans) of T positions."""
 
-    keys: Tensor
-    values: Tensor
+    keys: Optional[Tensor]
+    values: Optional[Tensor]
     spans: Optional[Tensor]
+    # what they were projected from (B x T x H), kept by the projections' backward anyway: training attention
+    # projects it again instead of keeping the keys and values
+    source: Optional[Tensor] = None
 
 
 @dataclass
@@ -196,10 +200,16 @@ class RelativePositionTable(nn.Module):
                 "--tokens-per-sample the model was trained with"
             )
         band = torch.matmul(query, self.weight.flip(-1).to(query.dtype))  # B x K x M x M, column j: d = M - j
-        # the band's (t, j) is (t, t + j) of scores: one row and one column further per t
-        row, column = scores.stride()[-2:]
-        strides = (*scores.stride()[:-2], row + column, column)
-        scores.as_strided(band.shape, strides, scores.storage_offset()).add_(band)
+        _band(scores).add_(band)
+
+    def backward(self, query: Tensor, grad_scores: Tensor):
+        """The gradients of :meth:`add_scores_` on the query (B x K x M x D) and the table (D x M), given those
+        of the scores (B x K x M x 2M)."""
+        grad_band = _band(grad_scores)  # B x K x M x M
+        table = self.weight.flip(-1).to(query.dtype)  # D x M
+        grad_query = torch.matmul(grad_band, table.t())
+        grad_table = torch.matmul(query.transpose(-1, -2), grad_band).sum((0, 1)).flip(-1)
+        return grad_query, grad_table.to(self.weight.dtype)
 
     def scores_at(self, query: Tensor, distance: Tensor) -> Tensor:
         """``q . p_d`` for one query (B x K x 1 x D) and keys at distance d (B x N, any layout): B x K x 1 x N,
@@ -210,6 +220,15 @@ class RelativePositionTable(nn.Module):
         scores = table.gather(-1, index[:, None, None, :].expand(B, K, 1, -1))
         near = (distance >= 1) & (distance <= self.block_size)
         return scores * near[:, None, None, :]
+
+
+def _band(scores: Tensor) -> Tensor:
+    """The view of ``scores`` (... x M x 2M, any strides) whose (t, j) is (t, t + j): the M keys at distances
+    M, ..., 1 from query t, one row and one column further per t (Transformer-XL's relative shift)."""
+    M = scores.size(-2)
+    row, column = scores.stride()[-2:]
+    strides = (*scores.stride()[:-2], row + column, column)
+    return scores.as_strided((*scores.shape[:-1], M), strides, scores.storage_offset())
 
 
 @dataclass
@@ -321,7 +340,7 @@ class ExpireSpanAttention(nn.Module):
     def project(self, x: Tensor) -> Projection:
         """Keys, values and spans of positions (B x T x H, normalized if pre-norm)."""
         spans = self.span_predictor(x) if self.span_predictor is not None else None
-        return Projection(self.k_proj(x), self.v_proj(x), spans)
+        return Projection(self.k_proj(x), self.v_proj(x), spans, source=x)
 
     def forward(
         self,
@@ -353,7 +372,10 @@ class ExpireSpanAttention(nn.Module):
         aux = self.span_loss(keys.spans, first_distance, valid, M, span_limit)
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
         k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
-        out = self.attend(q, k, v, mask, positions).transpose(1, 2).reshape(B, M, -1)  # B x M x H
+        keys_again = (
+            functools.partial(self._keys_and_values, past.source, block) if past.source is not None else None
+        )
+        out = self.attend(q, k, v, mask, positions, keys_again).transpose(1, 2).reshape(B, M, -1)  # B x M x H
         return self.out_proj(out), keys, aux, attended_keys(mask, first_distance, valid)
 
     def step(
@@ -404,14 +426,31 @@ class ExpireSpanAttention(nn.Module):
             ramp_span_loss(spans - first_distance, block_size, self.rule.ramp).masked_fill(~valid, 0.0).sum()
         )
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: SoftMask, positions: RelativePositionTable):
+    @torch.no_grad()
+    def _keys_and_values(self, past_source: Tensor, block: Tensor):
+        """k and v of [memory ; block] (B x K x T x D) projected again exactly as :meth:`forward` did."""
+        keys = torch.cat([self.k_proj(past_source), self.k_proj(block)], dim=1)
+        return self._heads(keys), self._heads(
+            torch.cat([self.v_proj(past_source), self.v_proj(block)], dim=1)
+        )
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: SoftMask,
+        positions: RelativePositionTable,
+        keys_again: Optional[Callable] = None,
+    ):
         """``a' v`` with ``a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)``, ``s = q.(k + p_{t-i})`` (q
         already scaled by 1 / sqrt(D); the position term only for the last 2M keys, the previous and current
         block): q B x K x M x D, k and v B x K x T x D -> B x K x M x D, 0 for rows that see nothing.
 
         Evaluation: fused kernels. Training: :class:`_FusedSpanAttention` (exact gradients, nothing of size
-        B x K x M x T kept), or the plain reference path (``kernel="plain"``, attention dropout, no kernel for
-        the device; logged once)."""
+        B x K x M x T kept; ``keys_again()`` gives k and v again for the backward, else they are kept), or the
+        plain reference path (``kernel="plain"``, attention dropout, no kernel for the device; logged once).
+        """
         if not torch.is_grad_enabled():
             log_mask = mask.log()
             sees_something = _fill_rows_that_see_nothing_(log_mask)
@@ -419,7 +458,10 @@ class ExpireSpanAttention(nn.Module):
             return fused_attention(q, k, v, log_mask, positions, dropout_p) * sees_something
         reason = self._plain_reason(q)
         if reason is None:
-            return _FusedSpanAttention.apply(q, k, v, mask.remaining, positions.weight, mask, positions)
+            keys_again = keys_again or (lambda: (k, v))
+            return _FusedSpanAttention.apply(
+                q, k, v, mask.remaining, positions.weight, mask, positions, keys_again
+            )
         if self.kernel == "fused":
             _log_once(reason)
         return self._plain_attention(q, k, v, mask, positions)
@@ -587,8 +629,9 @@ def _aligned_bias(bias: Tensor, q: Tensor) -> Tensor:
 
 
 class _FusedSpanAttention(torch.autograd.Function):
-    """:meth:`ExpireSpanAttention.attend` through the fused kernels, with exact gradients. Saved: q, k, v, the
-    output, its log-sum-exp (B x K x M) and the per-key ``r`` (:class:`SoftMask`); never B x K x M x T.
+    """:meth:`ExpireSpanAttention.attend` through the fused kernels, with exact gradients. Saved: q, the output,
+    its log-sum-exp (B x K x M) and the per-key ``r`` (:class:`SoftMask`); never B x K x M x T. k and v come
+    back from ``keys_again()`` (projected again from what the projections keep anyway).
 
     Backward, with ``P = exp(s + log m - lse)``, ``delta = rowsum(dO o)`` and ``dS = P (dO . v - delta)``:
     - the older keys' q, k, v gradients from the kernel's backward (:func:`_kernel_backward`);
@@ -600,18 +643,19 @@ class _FusedSpanAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, remaining, table, mask: SoftMask, positions: RelativePositionTable):
+    def forward(ctx, q, k, v, remaining, table, mask: SoftMask, positions: RelativePositionTable, keys_again):
         mask = dataclasses.replace(mask, remaining=remaining)
         log_mask = mask.log()  # B x K' x M x T, rebuilt in the backward
         sees_something = _fill_rows_that_see_nothing_(log_mask)
         out, lse = _split_flash_attention(q, k, v, log_mask, positions, 0.0)
-        ctx.save_for_backward(q, k, v, remaining, out, lse, sees_something)
-        ctx.mask, ctx.positions = mask, positions
+        ctx.save_for_backward(q, remaining, out, lse, sees_something)
+        ctx.mask, ctx.positions, ctx.keys_again = mask, positions, keys_again
         return out * sees_something
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, remaining, out, lse, sees_something = ctx.saved_tensors
+        q, remaining, out, lse, sees_something = ctx.saved_tensors
+        k, v = ctx.keys_again()  # B x K x T x D
         mask = dataclasses.replace(ctx.mask, remaining=remaining)
         M = q.size(-2)
         old = k.size(-2) - 2 * M
@@ -621,16 +665,19 @@ class _FusedSpanAttention(torch.autograd.Function):
         delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # B x K x M x 1
         lse = lse.unsqueeze(-1)  # B x K x M x 1
 
-        # the last 2M keys: s = q.(k + p_{t-i}), recomputed with autograd for q, k and the table
-        with torch.enable_grad():
-            q_, k_recent = q.detach().requires_grad_(), k[:, :, old:].detach().requires_grad_()
-            scores = torch.matmul(q_, k_recent.transpose(-1, -2)) + ctx.positions.scores(q_)  # B x K x M x 2M
-        probs = torch.exp(scores.detach().float() + log_mask[..., old:] - lse)
-        v_recent = v[:, :, old:]
-        grad_scores = probs * (torch.matmul(grad, v_recent.transpose(-1, -2)).float() - delta)  # dS
-        wrt = [q_, k_recent] + ([ctx.positions.weight] if ctx.needs_input_grad[4] else [])
-        grad_q, grad_k_recent, *grad_table = torch.autograd.grad(scores, wrt, grad_scores.to(scores.dtype))
+        # the last 2M keys: s = q.(k + p_{t-i}) recomputed (B x K x M x 2M), P and dS in place
+        k_recent, v_recent = k[:, :, old:], v[:, :, old:]
+        scores = torch.matmul(q, k_recent.transpose(-1, -2))
+        ctx.positions.add_scores_(q, scores)
+        probs = scores.float().add_(log_mask[..., old:]).sub_(lse).exp_()
+        grad_scores = torch.matmul(grad, v_recent.transpose(-1, -2)).float().sub_(delta).mul_(probs)  # dS
         grad_v_recent = torch.matmul(probs.to(grad.dtype).transpose(-1, -2), grad)
+        del probs, scores
+        grad_s = grad_scores.to(q.dtype)
+        grad_q, grad_table = ctx.positions.backward(q, grad_s)
+        grad_q = grad_q.add_(torch.matmul(grad_s, k_recent))
+        grad_k_recent = torch.matmul(grad_s.transpose(-1, -2), q)
+        del grad_s
 
         grad_remaining = None
         if ctx.needs_input_grad[3]:
@@ -655,7 +702,7 @@ class _FusedSpanAttention(torch.autograd.Function):
             )
             grad_q = grad_q + grad_q_old
             grad_k, grad_v = torch.cat([grad_k_old, grad_k], dim=2), torch.cat([grad_v_old, grad_v], dim=2)
-        return grad_q, grad_k, grad_v, grad_remaining, (grad_table or [None])[0], None, None
+        return grad_q, grad_k, grad_v, grad_remaining, grad_table, None, None, None
 
 
 def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ramp: int) -> Tensor:
@@ -676,9 +723,10 @@ def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ra
         k_chunk, v_chunk = k.gather(2, rows), v.gather(2, rows)
         r_chunk = remaining.gather(-1, chunk)
         mask = _block_soft_mask(r_chunk, M, ramp)  # B x K' x M x c
-        scores = torch.matmul(q, k_chunk.transpose(-1, -2)).float()  # B x K x M x c
-        probs = torch.exp(scores + mask.log() - lse)
-        grad_scores = probs * (torch.matmul(grad, v_chunk.transpose(-1, -2)).float() - delta)
+        probs = (
+            torch.matmul(q, k_chunk.transpose(-1, -2)).float().add_(mask.log()).sub_(lse).exp_()
+        )  # B K M c
+        grad_scores = torch.matmul(grad, v_chunk.transpose(-1, -2)).float().sub_(delta).mul_(probs)
         grad_chunk = _ramp_gradient(grad_scores.sum(1, keepdim=True) if shared else grad_scores, mask, ramp)
         grad_remaining.scatter_add_(-1, chunk, torch.where(real_chunk, grad_chunk, 0.0))
     return grad_remaining
