@@ -1,6 +1,7 @@
 """The mechanism against the paper's equations: masking law, span loss, deletion, bounded memory, baseline."""
 
 import argparse
+import dataclasses
 import math
 
 import pytest
@@ -441,18 +442,19 @@ def compare_kernels(model, block, memory, limit=None, mask_of_distance=None, ato
     names = ["block", *dict(model.named_parameters())]
     weight = torch.randn(block.shape, generator=torch.Generator().manual_seed(1))
     results = {}
-    for kernel in ("fused", "plain"):
-        attention.kernel = kernel
-        assert (attention._plain_reason(block) is None) == (kernel == "fused")
-        out, *_ = attention(
-            block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
-        )
+    # "kept": keys and values without what they were projected from, so the fused backward keeps them
+    for kernel, keep in (("fused", False), ("kept", True), ("plain", False)):
+        attention.kernel = "plain" if kernel == "plain" else "fused"
+        assert (attention._plain_reason(block) is None) == (kernel != "plain")
+        past = attention.project(memory.hidden)
+        past = dataclasses.replace(past, source=None) if keep else past
+        out, *_ = attention(block, past, memory.distance, memory.valid, positions, limit)
         results[kernel] = out, torch.autograd.grad((out * weight).sum(), parameters, allow_unused=True)
     slow, _ = reference_attention(attention, block, memory, positions, limit, mask_of_distance)
     results["paper"] = slow, torch.autograd.grad((slow * weight).sum(), parameters, allow_unused=True)
     fused, fused_grads = results["fused"]
     assert torch.equal(fused[-1, 0], torch.zeros_like(fused[-1, 0]))  # a row that sees nothing
-    for other in ("plain", "paper"):
+    for other in ("kept", "plain", "paper"):
         out, grads = results[other]
         assert torch.allclose(fused, out, atol=atol), other
         for name, a, b in zip(names, fused_grads, grads):
