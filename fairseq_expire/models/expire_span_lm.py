@@ -481,9 +481,10 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         updates = []
         for layer, memory in zip(self.layers, memories):
             out, keys, aux, attn_size = layer(x, memory, self.positions, mask_limit)
-            # without the cache the update needs only the spans: holding every layer's keys and values until
-            # then would keep them all at once
-            updates.append((memory, x, keys if cache else Projection(None, None, keys.spans)))
+            # without the cache the update needs only the spans: holding the keys and values until then would
+            # keep every layer's at once
+            keys = keys if cache else Projection(None, None, keys.spans)
+            updates.append((memory, x, keys))
             attended.append(attn_size)
             if keys.spans is not None:
                 spans_of_block.append(keys.spans[:, -x.size(1) :].detach())

@@ -21,7 +21,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -372,10 +372,8 @@ class ExpireSpanAttention(nn.Module):
         aux = self.span_loss(keys.spans, first_distance, valid, M, span_limit)
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
         k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
-        keys_again = (
-            functools.partial(self._keys_and_values, past.source, block) if past.source is not None else None
-        )
-        out = self.attend(q, k, v, mask, positions, keys_again).transpose(1, 2).reshape(B, M, -1)  # B x M x H
+        sources = (past.source, block) if past.source is not None else None  # of k and v
+        out = self.attend(q, k, v, mask, positions, sources).transpose(1, 2).reshape(B, M, -1)  # B x M x H
         return self.out_proj(out), keys, aux, attended_keys(mask, first_distance, valid)
 
     def step(
@@ -428,11 +426,10 @@ class ExpireSpanAttention(nn.Module):
 
     @torch.no_grad()
     def _keys_and_values(self, past_source: Tensor, block: Tensor):
-        """k and v of [memory ; block] (B x K x T x D) projected again exactly as :meth:`forward` did."""
-        keys = torch.cat([self.k_proj(past_source), self.k_proj(block)], dim=1)
-        return self._heads(keys), self._heads(
-            torch.cat([self.v_proj(past_source), self.v_proj(block)], dim=1)
-        )
+        """k and v of [memory ; block] (B x K x T x D), projected again exactly as :meth:`forward` did."""
+        keys = torch.cat([self.k_proj(past_source), self.k_proj(block)], dim=1)  # B x T x H
+        values = torch.cat([self.v_proj(past_source), self.v_proj(block)], dim=1)
+        return self._heads(keys), self._heads(values)
 
     def attend(
         self,
@@ -441,15 +438,15 @@ class ExpireSpanAttention(nn.Module):
         v: Tensor,
         mask: SoftMask,
         positions: RelativePositionTable,
-        keys_again: Optional[Callable] = None,
+        sources: Optional[tuple] = None,
     ):
         """``a' v`` with ``a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)``, ``s = q.(k + p_{t-i})`` (q
         already scaled by 1 / sqrt(D); the position term only for the last 2M keys, the previous and current
         block): q B x K x M x D, k and v B x K x T x D -> B x K x M x D, 0 for rows that see nothing.
 
         Evaluation: fused kernels. Training: :class:`_FusedSpanAttention` (exact gradients, nothing of size
-        B x K x M x T kept; ``keys_again()`` gives k and v again for the backward, else they are kept), or the
-        plain reference path (``kernel="plain"``, attention dropout, no kernel for the device; logged once).
+        B x K x M x T kept; k and v projected again for the backward from their ``sources``, what memory and
+        block were projected from, else kept), or the plain reference path (``kernel="plain"``, attention dropout, no kernel for the device; logged once).
         """
         if not torch.is_grad_enabled():
             log_mask = mask.log()
@@ -458,9 +455,9 @@ class ExpireSpanAttention(nn.Module):
             return fused_attention(q, k, v, log_mask, positions, dropout_p) * sees_something
         reason = self._plain_reason(q)
         if reason is None:
-            keys_again = keys_again or (lambda: (k, v))
+            project = None if sources is None else self._keys_and_values
             return _FusedSpanAttention.apply(
-                q, k, v, mask.remaining, positions.weight, mask, positions, keys_again
+                q, k, v, mask.remaining, positions.weight, mask, positions, project, *(sources or (k, v))
             )
         if self.kernel == "fused":
             _log_once(reason)
@@ -600,7 +597,8 @@ def _kernel_backward(grad, q, k, v, bias, out, lse):
             grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=1.0
         )
     M = q.size(-2)
-    padded = F.pad(lse, (0, -M % 32))  # the CUDA kernel's layout: queries padded to a multiple of 32
+    align = 1 if torch.version.hip else 32  # the kernel's lse layout: queries padded to a multiple of this
+    padded = F.pad(lse, (0, -M % align))
     seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         grad,
@@ -630,8 +628,8 @@ def _aligned_bias(bias: Tensor, q: Tensor) -> Tensor:
 
 class _FusedSpanAttention(torch.autograd.Function):
     """:meth:`ExpireSpanAttention.attend` through the fused kernels, with exact gradients. Saved: q, the output,
-    its log-sum-exp (B x K x M) and the per-key ``r`` (:class:`SoftMask`); never B x K x M x T. k and v come
-    back from ``keys_again()`` (projected again from what the projections keep anyway).
+    its log-sum-exp (B x K x M) and the per-key ``r`` (:class:`SoftMask`); never B x K x M x T. k and v are
+    ``project(*sources)`` again (from what the projections keep anyway), or the ``sources`` themselves.
 
     Backward, with ``P = exp(s + log m - lse)``, ``delta = rowsum(dO o)`` and ``dS = P (dO . v - delta)``:
     - the older keys' q, k, v gradients from the kernel's backward (:func:`_kernel_backward`);
@@ -643,19 +641,21 @@ class _FusedSpanAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, remaining, table, mask: SoftMask, positions: RelativePositionTable, keys_again):
+    def forward(
+        ctx, q, k, v, remaining, table, mask: SoftMask, positions: RelativePositionTable, project, *sources
+    ):
         mask = dataclasses.replace(mask, remaining=remaining)
         log_mask = mask.log()  # B x K' x M x T, rebuilt in the backward
         sees_something = _fill_rows_that_see_nothing_(log_mask)
         out, lse = _split_flash_attention(q, k, v, log_mask, positions, 0.0)
-        ctx.save_for_backward(q, remaining, out, lse, sees_something)
-        ctx.mask, ctx.positions, ctx.keys_again = mask, positions, keys_again
+        ctx.save_for_backward(q, remaining, out, lse, sees_something, *sources)
+        ctx.mask, ctx.positions, ctx.project = mask, positions, project
         return out * sees_something
 
     @staticmethod
     def backward(ctx, grad):
-        q, remaining, out, lse, sees_something = ctx.saved_tensors
-        k, v = ctx.keys_again()  # B x K x T x D
+        q, remaining, out, lse, sees_something, *sources = ctx.saved_tensors
+        k, v = sources if ctx.project is None else ctx.project(*sources)  # B x K x T x D
         mask = dataclasses.replace(ctx.mask, remaining=remaining)
         M = q.size(-2)
         old = k.size(-2) - 2 * M
@@ -694,15 +694,28 @@ class _FusedSpanAttention(torch.autograd.Function):
                 ],
                 dim=-1,
             )
-        grad_k, grad_v = grad_k_recent, grad_v_recent
-        if old > 0:
-            bias = log_mask[..., :old].to(q.dtype)
-            grad_q_old, grad_k_old, grad_v_old = _kernel_backward(
-                grad, q, k[:, :, :old], v[:, :, :old], bias, out, lse.squeeze(-1)
+        if old == 0:
+            return (
+                grad_q,
+                grad_k_recent,
+                grad_v_recent,
+                grad_remaining,
+                grad_table,
+                None,
+                None,
+                None,
+                None,
+                None,
             )
-            grad_q = grad_q + grad_q_old
-            grad_k, grad_v = torch.cat([grad_k_old, grad_k], dim=2), torch.cat([grad_v_old, grad_v], dim=2)
-        return grad_q, grad_k, grad_v, grad_remaining, grad_table, None, None, None
+        bias = log_mask[..., :old].to(q.dtype)
+        grad_q_old, grad_k_old, grad_v_old = _kernel_backward(
+            grad, q, k[:, :, :old], v[:, :, :old], bias, out, lse.squeeze(-1)
+        )
+        del k, v, k_recent, v_recent, log_mask, bias  # before the gradients of all T keys are assembled
+        grad_k, grad_v = torch.cat([grad_k_old, grad_k_recent], dim=2), torch.cat(
+            [grad_v_old, grad_v_recent], dim=2
+        )
+        return grad_q + grad_q_old, grad_k, grad_v, grad_remaining, grad_table, None, None, None, None, None
 
 
 def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ramp: int) -> Tensor:
