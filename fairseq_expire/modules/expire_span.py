@@ -657,65 +657,63 @@ class _FusedSpanAttention(torch.autograd.Function):
         q, remaining, out, lse, sees_something, *sources = ctx.saved_tensors
         k, v = sources if ctx.project is None else ctx.project(*sources)  # B x K x T x D
         mask = dataclasses.replace(ctx.mask, remaining=remaining)
-        M = q.size(-2)
-        old = k.size(-2) - 2 * M
+        old = k.size(-2) - 2 * q.size(-2)
         log_mask = mask.log()
         log_mask.masked_fill_(~sees_something, 0.0)
         grad = (grad * sees_something).to(q.dtype)  # B x K x M x D
         delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # B x K x M x 1
         lse = lse.unsqueeze(-1)  # B x K x M x 1
+        learned = ctx.needs_input_grad[3]
 
-        # the last 2M keys: s = q.(k + p_{t-i}) recomputed (B x K x M x 2M), P and dS in place
-        k_recent, v_recent = k[:, :, old:], v[:, :, old:]
-        scores = torch.matmul(q, k_recent.transpose(-1, -2))
-        ctx.positions.add_scores_(q, scores)
-        probs = scores.float().add_(log_mask[..., old:]).sub_(lse).exp_()
-        grad_scores = torch.matmul(grad, v_recent.transpose(-1, -2)).float().sub_(delta).mul_(probs)  # dS
-        grad_v_recent = torch.matmul(probs.to(grad.dtype).transpose(-1, -2), grad)
-        del probs, scores
-        grad_s = grad_scores.to(q.dtype)
-        grad_q, grad_table = ctx.positions.backward(q, grad_s)
-        grad_q = grad_q.add_(torch.matmul(grad_s, k_recent))
-        grad_k_recent = torch.matmul(grad_s.transpose(-1, -2), q)
-        del grad_s
+        grad_q, grad_k, grad_v, grad_table, grad_remaining = _recent_backward(
+            q, k[:, :, old:], v[:, :, old:], grad, delta, lse, log_mask, mask, ctx.positions, learned
+        )
+        if learned:
+            older = _far_ramp_gradient(
+                q,
+                k[:, :, :old],
+                v[:, :, :old],
+                grad,
+                delta,
+                lse,
+                remaining[..., :old],
+                mask.block_size,
+                mask.ramp,
+            )
+            grad_remaining = torch.cat([older, grad_remaining], dim=-1)
+        if old > 0:
+            bias = log_mask[..., :old].to(q.dtype)
+            grad_q_old, grad_k_old, grad_v_old = _kernel_backward(
+                grad, q, k[:, :, :old], v[:, :, :old], bias, out, lse.squeeze(-1)
+            )
+            del k, v, log_mask, bias  # before the gradients of all T keys are assembled
+            grad_q = grad_q + grad_q_old
+            grad_k, grad_v = torch.cat([grad_k_old, grad_k], dim=2), torch.cat([grad_v_old, grad_v], dim=2)
+        return grad_q, grad_k, grad_v, grad_remaining, grad_table, None, None, None, None, None
 
-        grad_remaining = None
-        if ctx.needs_input_grad[3]:
-            shared = remaining.size(1) == 1
-            recent_mask = _block_soft_mask(remaining[..., old:], M, mask.ramp)  # B x K' x M x 2M
-            grad_remaining = torch.cat(
-                [
-                    _far_ramp_gradient(
-                        q, k[:, :, :old], v[:, :, :old], grad, delta, lse, remaining[..., :old], M, mask.ramp
-                    ),
-                    _ramp_gradient(
-                        grad_scores.sum(1, keepdim=True) if shared else grad_scores, recent_mask, mask.ramp
-                    ),
-                ],
-                dim=-1,
-            )
-        if old == 0:
-            return (
-                grad_q,
-                grad_k_recent,
-                grad_v_recent,
-                grad_remaining,
-                grad_table,
-                None,
-                None,
-                None,
-                None,
-                None,
-            )
-        bias = log_mask[..., :old].to(q.dtype)
-        grad_q_old, grad_k_old, grad_v_old = _kernel_backward(
-            grad, q, k[:, :, :old], v[:, :, :old], bias, out, lse.squeeze(-1)
-        )
-        del k, v, k_recent, v_recent, log_mask, bias  # before the gradients of all T keys are assembled
-        grad_k, grad_v = torch.cat([grad_k_old, grad_k_recent], dim=2), torch.cat(
-            [grad_v_old, grad_v_recent], dim=2
-        )
-        return grad_q + grad_q_old, grad_k, grad_v, grad_remaining, grad_table, None, None, None, None, None
+
+def _recent_backward(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, positions, span_gradient: bool):
+    """The last 2M keys' share of the backward (their position term is in no kernel's bias): the scores
+    ``s = q.(k + p_{t-i})`` recomputed (B x K x M x 2M), ``P`` and ``dS`` in place. Returns the gradients of q,
+    of these keys' k and v, of the position table and (``span_gradient``) of their ``r``."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    positions.add_scores_(q, scores)
+    probs = scores.float().add_(log_mask[..., -scores.size(-1) :]).sub_(lse).exp_()
+    grad_scores = torch.matmul(grad, v.transpose(-1, -2)).float().sub_(delta).mul_(probs)  # dS
+    grad_v = torch.matmul(probs.to(grad.dtype).transpose(-1, -2), grad)
+    del probs, scores
+    grad_remaining = None
+    if span_gradient:  # d log m = dS, summed over the heads where they share the mask
+        remaining = mask.remaining[..., -grad_scores.size(-1) :]  # B x K' x 2M
+        grad_log_mask = grad_scores.sum(1, keepdim=True) if remaining.size(1) == 1 else grad_scores
+        recent_mask = _block_soft_mask(remaining, mask.block_size, mask.ramp)
+        grad_remaining = _ramp_gradient(grad_log_mask, recent_mask, mask.ramp)
+    grad_s = grad_scores.to(q.dtype)
+    del grad_scores
+    grad_q, grad_table = positions.backward(q, grad_s)
+    grad_q = grad_q.add_(torch.matmul(grad_s, k))
+    grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
+    return grad_q, grad_k, grad_v, grad_table, grad_remaining
 
 
 def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ramp: int) -> Tensor:
