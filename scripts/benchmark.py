@@ -15,6 +15,11 @@ layer, timed per token ("ms/batch" is then ms per token); for expire-span also "
 without incremental decoding: the whole unfinished block run again for every new token. Prints a Markdown table,
 with the ratio to the authors' implementation where the issue gives its figure, and writes JSON.
 
+``--attention-kernels plain fused`` measures each row through both training attentions (``--attention-kernel``),
+side by side: the fused row gives its tokens/s and peak memory as ratios to the plain row, and every row the bytes
+per layer that :func:`attention_bytes_per_layer` predicts for what training attention keeps for the backward; the
+table is followed by that model's prediction per GPU at the paper's enwik8 batch.
+
 ``--dtypes fp32 bf16`` measures each row in both, side by side: bf16 as ``fairseq-train --bf16`` runs it (the model
 converted to bf16, fairseq's FP16Optimizer with fp32 master weights; not autocast), with its tokens/s and peak
 memory as ratios to the fp32 row. On CUDA, rows also give model FLOP/s (multiply-adds counted as in
@@ -24,6 +29,8 @@ memory as ratios to the fp32 row. On CUDA, rows also give model FLOP/s (multiply
     python scripts/benchmark.py --lengths 65536 --modes train --memory-limit-gb 8    # does it fit?
     python scripts/benchmark.py --lengths 16384 --modes train --models expire_span_lm --no-follow --dtypes fp32 bf16
     python scripts/benchmark.py --lengths 16384 --modes generate                     # tokens/s generated
+    python scripts/benchmark.py --lengths 16384 --modes train --models expire_span_lm --no-follow \
+        --attention-kernels plain fused                                              # kernels side by side
 """
 
 import argparse
@@ -113,6 +120,53 @@ def train_flops_per_token(cfg: dict, mem_per_layer, vocabulary_size: int) -> flo
     return 3 * 2 * multiply_adds
 
 
+# The paper's enwik8 training per GPU (batch 512 on 8 GPUs): 64 streams, 8 heads, blocks of M = 512, about 2K
+# memories kept (Table 4), 12 layers, H = 512.
+ENWIK8_PER_GPU = dict(batch=64, heads=8, block=512, keys=2048 + 512, width=512, layers=12)
+
+
+def attention_bytes_per_layer(
+    kernel: str, B: int, K: int, M: int, T: int, D: int, H: int, size: int = 4
+) -> int:
+    """What one layer's training attention keeps for the backward, in bytes (``size``: bytes per element of the
+    model's dtype; H = K * D). Both paths keep q and the output (B x M x H each) and the per-key ``r`` (B x T,
+    fp32). The plain path adds the keys and values of all T positions (B x T x H each), the probabilities of
+    every head, query and key (B x K x M x T) and the position band's scores (B x K x M x 2M); the fused path
+    only the log-sum-exp (B x K x M, fp32), since it projects the keys and values again from the layer inputs
+    that the projections keep in both paths (not counted)."""
+    assert H == K * D
+    common = size * 2 * B * M * H + 4 * B * T
+    if kernel == "fused":
+        return common + 4 * B * K * M
+    return common + size * (2 * B * T * H + B * K * M * (T + 2 * M))
+
+
+def predicted_row_mb(row: dict, cfg: dict) -> float:
+    """:func:`attention_bytes_per_layer` at the run's B, K, M, H and its mean T (keys kept + M), in MB."""
+    kept = sum(row["mem_per_layer"]) / len(row["mem_per_layer"])
+    B, K, M, H = cfg["batch"], cfg["heads"], cfg["block"], cfg["width"]
+    size = 2 if row["dtype"] == "bf16" else 4
+    return (
+        attention_bytes_per_layer(row["attention_kernel"], B, K, M, round(kept) + M, H // K, H, size) / 2**20
+    )
+
+
+def enwik8_prediction(kernels, dtype: str) -> str:
+    """The memory model per GPU at the paper's enwik8 batch, all layers, for each kernel."""
+    c = ENWIK8_PER_GPU
+    size = 2 if dtype == "bf16" else 4
+    shape = (c["batch"], c["heads"], c["block"], c["keys"], c["width"] // c["heads"], c["width"])
+    figures = ", ".join(
+        f"{kernel} {c['layers'] * attention_bytes_per_layer(kernel, *shape, size) / 2**30:.1f} GiB"
+        for kernel in kernels
+    )
+    return (
+        f"memory model at the paper's enwik8 batch per GPU ({c['batch']} streams, {c['heads']} heads, "
+        f"M = {c['block']}, T = {c['keys']} keys, {c['layers']} layers, H = {c['width']}, {dtype}): training "
+        f"attention keeps {figures} for the backward"
+    )
+
+
 def build_optimizer(model, dtype):
     """fairseq's Adam as ``fairseq-train`` builds it: wrapped in FP16Optimizer (fp32 master weights, no loss scaling
     in bf16) when the model is in bf16."""
@@ -181,6 +235,7 @@ def measure(args) -> dict:
         decoder_attention_heads=cfg["heads"],
         dropout=0.0,
         attention_dropout=0.0,
+        attention_kernel=args.attention_kernel,
         **memory_options(args.model, cfg, args.max_span),
     )
     model_class = ARCH_MODEL_REGISTRY[args.model]
@@ -340,13 +395,23 @@ def identity(args) -> dict:
         "mode": args.mode + ("+cache" if args.mode == "eval" and args.eval_cache else ""),
         "max_span": args.max_span,
         "dtype": args.dtype,
+        "attention_kernel": args.attention_kernel,
     }
 
 
 def run_in_subprocess(args, **overrides) -> dict:
     command = [sys.executable, __file__, "--measure"]
     for key, value in {**vars(args), **overrides}.items():
-        if key in ("measure", "json", "lengths", "models", "modes", "no_follow", "dtypes"):
+        if key in (
+            "measure",
+            "json",
+            "lengths",
+            "models",
+            "modes",
+            "no_follow",
+            "dtypes",
+            "attention_kernels",
+        ):
             continue
         if value is None:
             continue
@@ -361,36 +426,45 @@ def run_in_subprocess(args, **overrides) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _ratios(row, reference) -> str:
+    """Tokens/s (peak memory) of ``row`` over ``reference``'s."""
+    if not reference or reference.get("out_of_memory"):
+        return ""
+    return (
+        f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x "
+        f"({row['peak_memory_mb'] / reference['peak_memory_mb']:.2f}x)"
+    )
+
+
 def markdown(rows) -> str:
-    """One line per row; a bf16 row also gives its tokens/s and peak memory over the fp32 row measured with it."""
+    """One line per row; a bf16 row also gives its tokens/s and peak memory over the fp32 row measured with it, a
+    fused-kernel row over the plain-kernel row."""
     lines = [
-        "| model | mode | L | dtype | tokens/s | vs authors | vs fp32 (peak mem) | ms/batch | peak MB | span avg "
-        "| memory/layer | cache speed-up (bound) | model TFLOP/s (MFU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | L | dtype | kernel | tokens/s | vs authors | vs fp32 (peak mem) | vs plain (peak mem) "
+        "| ms/batch | peak MB | predicted MB/layer | span avg | memory/layer | cache speed-up (bound) "
+        "| model TFLOP/s (MFU) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        head = f"| {r['model']} | {r['mode']} | {r['max_span']} | {r['dtype']} |"
+        kernel = r["attention_kernel"] if r["mode"] == "train" else ""
+        head = f"| {r['model']} | {r['mode']} | {r['max_span']} | {r['dtype']} | {kernel} |"
         if r.get("out_of_memory"):
-            lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | | | |")
+            lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | | | | | |")
             continue
         memory = sum(r["mem_per_layer"]) / len(r["mem_per_layer"])
         authors = (
             AUTHORS_TRAIN_TOKENS_PER_S.get((r["model"], r["max_span"])) if r["mode"] == "train" else None
         )
         versus = f"{r['tokens_per_s'] / authors:.2f}x" if authors and r["config"] == "cpu_small" else ""
-        fp32 = r.get("fp32")
-        vs_fp32 = (
-            f"{r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x ({r['peak_memory_mb'] / fp32['peak_memory_mb']:.2f}x)"
-            if fp32 and not fp32.get("out_of_memory")
-            else ""
-        )
+        predicted = f"{predicted_row_mb(r, CONFIGS[r['config']]):.1f}" if r["mode"] == "train" else ""
         speedup = f"{r['cache_speedup']:.2f}x ({r['cache_bound']:.2f}x)" if "cache_speedup" in r else ""
         utilization = ""
         if "model_tflops" in r:
             utilization = f"{r['model_tflops']:.0f}" + (f" ({100 * r['mfu']:.0f}%)" if r["mfu"] else "")
         lines.append(
-            f"{head} {r['tokens_per_s']:.0f} | {versus} | {vs_fp32} | {r['batch_time_ms']:.0f} "
-            f"| {r['peak_memory_mb']:.0f} | {r['span_avg']:.0f} | {memory:.0f} | {speedup} | {utilization} |"
+            f"{head} {r['tokens_per_s']:.0f} | {versus} | {_ratios(r, r.get('fp32'))} | {_ratios(r, r.get('plain'))} "
+            f"| {r['batch_time_ms']:.0f} | {r['peak_memory_mb']:.0f} | {predicted} | {r['span_avg']:.0f} "
+            f"| {memory:.0f} | {speedup} | {utilization} |"
         )
     return "\n".join(lines)
 
@@ -432,6 +506,13 @@ def main():
         help="each row in each, side by side",
     )
     parser.add_argument(
+        "--attention-kernels",
+        nargs="+",
+        choices=["fused", "plain"],
+        default=["fused"],
+        help="each row through each training attention (--attention-kernel), side by side",
+    )
+    parser.add_argument(
         "--peak-tflops", type=float, help="the GPU's peak for the MFU column (default: by name)"
     )
     parser.add_argument("--json", type=Path, help="write all figures here")
@@ -442,6 +523,7 @@ def main():
     parser.add_argument("--max-span", type=int, default=1024, help=argparse.SUPPRESS)
     parser.add_argument("--eval-cache", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    parser.add_argument("--attention-kernel", default="fused", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         try:
@@ -456,15 +538,28 @@ def main():
     rows = []
 
     def measured(**settings):
-        """The row in each of --dtypes, one after the other; the first of them (fp32 if asked) is returned."""
-        first = None
+        """The row in each of --dtypes and --attention-kernels, one after the other; the first of them (fp32 if
+        asked) is returned."""
+        first, measured_rows = None, {}
+
+        def figures(row):
+            return {k: row.get(k) for k in ("tokens_per_s", "peak_memory_mb", "out_of_memory")}
+
+        # the kernels differ in training only: other modes are measured once
+        kernels = args.attention_kernels if settings["mode"] == "train" else args.attention_kernels[-1:]
         for dtype in args.dtypes:
-            row = run_in_subprocess(args, dtype=dtype, **settings)
-            if dtype != "fp32" and first is not None and first["dtype"] == "fp32":
-                row["fp32"] = {k: first.get(k) for k in ("tokens_per_s", "peak_memory_mb", "out_of_memory")}
-            rows.append(row)
-            print(markdown([row]).splitlines()[-1], flush=True)
-            first = first or row
+            for kernel in kernels:
+                row = run_in_subprocess(args, dtype=dtype, attention_kernel=kernel, **settings)
+                fp32 = measured_rows.get(("fp32", kernel))
+                if dtype != "fp32" and fp32 is not None:
+                    row["fp32"] = figures(fp32)
+                plain = measured_rows.get((dtype, "plain"))
+                if kernel != "plain" and plain is not None:
+                    row["plain"] = figures(plain)
+                measured_rows[dtype, kernel] = row
+                rows.append(row)
+                print(markdown([row]).splitlines()[-1], flush=True)
+                first = first or row
         return first
 
     def measured_generation(model, length):
@@ -493,6 +588,9 @@ def main():
                             measured(model="fixed_span_lm", mode=mode, max_span=span, eval_cache=cache)
     print()
     print(markdown(rows))
+    if "train" in args.modes:
+        for dtype in args.dtypes:
+            print(enwik8_prediction(args.attention_kernels, dtype))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
 

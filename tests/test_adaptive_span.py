@@ -8,7 +8,9 @@ import pytest
 import torch
 from fairseq.models import ARCH_MODEL_REGISTRY
 from test_expire_span import (
+    compare_kernels,
     keep_everything,
+    kernel_inputs,
     layer_options,
     make_dictionary,
     preset_args,
@@ -60,18 +62,18 @@ def test_adaptive_mask_law_and_its_gradient_match_the_dense_formula(limit):
     )
     block = torch.randn(2, M, H, requires_grad=True)
     parameters = [block, *model.parameters()]
-    fast, _, _, attended = attention(
+    fast, _, _, attn_mem = attention(
         block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
     )
     fast_grads = torch.autograd.grad(fast.square().sum(), parameters, allow_unused=True)
     z = attention.span_predictor.spans()
     z = z if limit is None else z.clamp(max=limit)
-    slow, slow_attended = reference_attention(
+    slow, slow_attn_mem = reference_attention(
         attention, block, memory, positions, mask_of_distance=dense_adaptive_mask(z, R)
     )
     slow_grads = torch.autograd.grad(slow.square().sum(), parameters, allow_unused=True)
     assert torch.allclose(fast, slow, atol=1e-5)
-    assert float(attended) == pytest.approx(float(slow_attended))  # |C_t|, mean over heads
+    assert float(attn_mem) == pytest.approx(float(slow_attn_mem))  # |C_t|, mean over heads
     for name, a, b in zip(["block", *dict(model.named_parameters())], fast_grads, slow_grads):
         if b is None:
             assert a is None or not a.any(), name
@@ -84,6 +86,19 @@ def test_adaptive_mask_law_and_its_gradient_match_the_dense_formula(limit):
             block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
         )
     assert torch.allclose(fused, slow, atol=1e-5)
+
+
+@pytest.mark.parametrize("limit", [None, 7.5])
+def test_fused_training_attention_with_a_mask_per_head_equals_the_plain_path_and_the_paper_formula(limit):
+    torch.manual_seed(0)
+    L, R = 20, 3
+    # z = 6.2, 13.6: older keys on the ramp
+    model = make_adaptive(fractions=[0.31, 0.68], block=4, max_span=L, ramp=R)
+    z = model.decoder.layers[0].attention.span_predictor.spans()
+    z = z if limit is None else z.clamp(max=limit)
+    grads = compare_kernels(model, *kernel_inputs(), limit, mask_of_distance=dense_adaptive_mask(z, R))
+    grad_z = grads["decoder.layers.0.attention.span_predictor.fraction"]
+    assert (grad_z != 0).all() if limit is None else grad_z[1] == 0
 
 
 def test_adaptive_memory_is_trimmed_to_the_largest_head_span_and_outputs_do_not_change(monkeypatch):

@@ -64,3 +64,17 @@ def test_benchmark_reports_generated_tokens_per_second_against_fixed_span_and_re
         assert row["tokens_per_s"] > 0
         assert all(0 < kept <= 64 + 8 for kept in row["mem_per_layer"])
     assert "| generate-recompute |" in result.stdout
+
+
+def test_benchmark_puts_the_fused_training_attention_beside_the_plain_one(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run(
+        "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, "--models", "expire_span_lm",
+        "--modes", "train", "--no-follow", "--attention-kernels", "plain", "fused", "--batches", 2, "--warmup", 1,
+        "--json", out,
+    )  # fmt: skip
+    plain, fused = json.loads(out.read_text())
+    assert (plain["attention_kernel"], fused["attention_kernel"]) == ("plain", "fused")
+    assert fused["plain"]["peak_memory_mb"] == plain["peak_memory_mb"] and fused["tokens_per_s"] > 0
+    assert "| vs plain (peak mem) |" in result.stdout and "| predicted MB/layer |" in result.stdout
+    assert "memory model at the paper's enwik8 batch per GPU" in result.stdout and "fused" in result.stdout

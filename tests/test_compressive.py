@@ -80,7 +80,7 @@ def test_the_oldest_compressed_memory_reaches_the_output():
         reference, _ = model(tokens[:, -4:])
         hidden = memories[0].hidden.clone()
         hidden[0, 0] += 1.0
-        model.decoder._memory[False] = [dataclasses.replace(memories[0], hidden=hidden), *memories[1:]]
+        model.decoder.set_memory([dataclasses.replace(memories[0], hidden=hidden), *memories[1:]])
         changed, _ = model(tokens[:, -4:])
     assert not torch.allclose(reference, changed)
 

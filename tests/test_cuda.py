@@ -1,4 +1,4 @@
-"""On a CUDA GPU: every attention path against the paper's dense formula in fp32, bf16 and fp16; short fairseq-train
+"""On a CUDA GPU: every attention path (training: fused and plain) against the paper's dense formula in fp32, bf16 and fp16; short fairseq-train
 runs in --bf16 and --fp16; two-GPU NCCL training equal to one GPU with all the streams; no host sync inside the
 per-layer forward. Skipped without CUDA (``make gpu-check`` runs this file and the benchmark's GPU rows)."""
 
@@ -29,7 +29,8 @@ def to_device(memory: LayerMemory, device, dtype) -> LayerMemory:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("learned", [True, False])
 @pytest.mark.parametrize("limit", [None, 20.5])
-def test_every_attention_path_equals_the_reference_on_cuda(dtype, learned, limit):
+@pytest.mark.parametrize("kernel", ["fused", "plain"])
+def test_every_attention_path_equals_the_reference_on_cuda(dtype, learned, limit, kernel):
     torch.manual_seed(0)
     model = make_model(learned=learned, block=8, max_span=32, ramp=4, init=0.4)
     if learned:
@@ -50,15 +51,16 @@ def test_every_attention_path_equals_the_reference_on_cuda(dtype, learned, limit
     ]
 
     attention = gpu.decoder.layers[0].attention
+    attention.kernel = kernel  # the training path: the fused kernels' backward, or the plain one
     x = block.detach().to("cuda", dtype).requires_grad_()
     past = to_device(memory, "cuda", dtype)
     args = (past.distance, past.valid, gpu.decoder.positions, limit)
-    out, keys, aux, _ = attention(x, attention.project(past.hidden), *args)  # the autograd path
+    out, projected, span_loss, _ = attention(x, attention.project(past.hidden), *args)  # the training path
     grad = torch.autograd.grad(out.float().square().sum(), attention.k_proj.weight)[0]
     with torch.no_grad():  # the fused scaled_dot_product_attention path
         fused, *_ = attention(x, attention.project(past.hidden), *args)
     if learned:
-        assert keys.spans.dtype == aux.dtype == torch.float32
+        assert projected.spans.dtype == span_loss.dtype == torch.float32
     for name, value, expected in (
         ("autograd", out, slow),
         ("fused", fused, slow),
@@ -98,8 +100,8 @@ def test_no_host_sync_inside_the_per_layer_training_forward_and_backward():
     try:
         total = 0
         for layer, memory in zip(model.decoder.layers, model.decoder.memory()):
-            out, keys, aux, attended = layer(x, memory, model.decoder.positions, 40.5)
-            total = total + out.float().square().mean() + aux + attended
+            out, projected, span_loss, attn_mem = layer(x, memory, model.decoder.positions, 40.5)
+            total = total + out.float().square().mean() + span_loss + attn_mem
             x = out
         total.backward()
     finally:

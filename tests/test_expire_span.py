@@ -1,6 +1,7 @@
 """The mechanism against the paper's equations: masking law, span loss, deletion, bounded memory, baseline."""
 
 import argparse
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -352,7 +353,7 @@ def test_split_cpu_attention_equals_one_call_with_the_whole_bias(mask_heads):
     log_mask[0, :, 1, : T - 2 * M] = -math.inf  # sees only the last 2M keys
     log_mask[1, -1, 2, T - 2 * M :] = -math.inf  # sees only the older memories
     with torch.no_grad():
-        split = _split_flash_attention(q, k, v, log_mask, positions, 0.0)
+        split, _ = _split_flash_attention(q, k, v, log_mask, positions, 0.0)
         whole = _whole_bias_attention(q, k, v, log_mask, positions, 0.0)
     assert torch.allclose(split, whole, atol=1e-6)
 
@@ -372,14 +373,14 @@ def test_attention_matches_the_dense_paper_formula_in_values_and_gradients(learn
     )
     block = torch.randn(B, M, H, requires_grad=True)
     for limit in (None, 4.5):
-        fast, _, _, attended = attention(
+        fast, _, _, attn_mem = attention(
             block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
         )
         fast_grads = torch.autograd.grad(fast.square().sum(), [block, *model.parameters()], allow_unused=True)
-        slow, slow_attended = reference_attention(attention, block, memory, positions, limit)
+        slow, slow_attn_mem = reference_attention(attention, block, memory, positions, limit)
         slow_grads = torch.autograd.grad(slow.square().sum(), [block, *model.parameters()], allow_unused=True)
         assert torch.allclose(fast, slow, atol=1e-5)
-        assert attended == pytest.approx(float(slow_attended))
+        assert attn_mem == pytest.approx(float(slow_attn_mem))
         with torch.no_grad():  # the fused scaled_dot_product_attention path
             fused, *_ = attention(
                 block, attention.project(memory.hidden), memory.distance, memory.valid, positions, limit
@@ -387,3 +388,104 @@ def test_attention_matches_the_dense_paper_formula_in_values_and_gradients(learn
         assert torch.allclose(fused, slow, atol=1e-5)
         for a, b in zip(fast_grads, slow_grads):
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
+
+
+def kernel_inputs(B=3, M=4, N=20, H=16, seed=0):
+    """A block and a memory reaching well beyond the last 2M keys, with padding; the last stream's memory is all
+    padding, so its first query sees nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    block = torch.randn(B, M, H, generator=generator).requires_grad_()
+    valid = torch.rand(B, N, generator=generator) > 0.3
+    valid[-1] = False
+    memory = LayerMemory(
+        hidden=torch.randn(B, N, H, generator=generator),
+        distance=torch.arange(N, 0, -1, dtype=torch.float32).expand(B, -1),
+        valid=valid,
+    )
+    return block, memory
+
+
+def compare_kernels(model, block, memory, limit=None, mask_of_distance=None, atol=1e-5):
+    """Training attention through the fused kernels against the plain path and the dense paper formula: the
+    outputs and the gradients of the block and of every parameter (q, k, v, out, the spans, the position
+    table)."""
+    attention, positions = model.decoder.layers[0].attention, model.decoder.positions
+    parameters = [block, *model.parameters()]
+    names = ["block", *dict(model.named_parameters())]
+    weight = torch.randn(block.shape, generator=torch.Generator().manual_seed(1))
+    results = {}
+    # "kept": keys and values without what they were projected from, so the fused backward keeps them
+    for kernel, keep in (("fused", False), ("kept", True), ("plain", False)):
+        attention.kernel = "plain" if kernel == "plain" else "fused"
+        assert (attention._plain_reason(block) is None) == (kernel != "plain")
+        past = attention.project(memory.hidden)
+        past = dataclasses.replace(past, source=None) if keep else past
+        out, *_ = attention(block, past, memory.distance, memory.valid, positions, limit)
+        results[kernel] = out, torch.autograd.grad((out * weight).sum(), parameters, allow_unused=True)
+    slow, _ = reference_attention(attention, block, memory, positions, limit, mask_of_distance)
+    results["paper"] = slow, torch.autograd.grad((slow * weight).sum(), parameters, allow_unused=True)
+    fused, fused_grads = results["fused"]
+    assert torch.equal(fused[-1, 0], torch.zeros_like(fused[-1, 0]))  # a row that sees nothing
+    for other in ("kept", "plain", "paper"):
+        out, grads = results[other]
+        assert torch.allclose(fused, out, atol=atol), other
+        for name, a, b in zip(names, fused_grads, grads):
+            a = torch.zeros_like(b) if a is None and b is not None else a
+            b = torch.zeros_like(a) if b is None and a is not None else b
+            assert (a is None and b is None) or torch.allclose(a, b, atol=atol), (other, name)
+    return dict(zip(names, fused_grads))
+
+
+def older_keys_on_the_ramp(spans, memory, block, ramp):
+    """Whether some valid memory older than the last 2M keys is on the ramp (0 < m < 1) for a query."""
+    M = block.size(1)
+    t = torch.arange(M, dtype=torch.float32).view(1, M, 1)
+    remaining = (spans - memory.distance).unsqueeze(1) - t  # B x M x N
+    on_ramp = ((remaining > -ramp) & (remaining < 0)).any(1) & memory.valid  # B x N
+    return bool(on_ramp[:, :-M].any())
+
+
+@pytest.mark.parametrize("limit", [None, 6.5])
+def test_fused_training_attention_equals_the_plain_path_and_the_paper_formula(limit):
+    torch.manual_seed(0)
+    model = make_model(block=4, max_span=16, ramp=4, init=0.5)
+    attention = model.decoder.layers[0].attention
+    torch.nn.init.normal_(attention.span_predictor.proj.weight, std=1.0)  # spans differ per key
+    block, memory = kernel_inputs()
+    spans = attention.span_predictor(memory.hidden)
+    assert older_keys_on_the_ramp(spans if limit is None else spans.clamp(max=limit), memory, block, 4)
+    grads = compare_kernels(model, block, memory, limit)
+    assert grads["decoder.layers.0.attention.span_predictor.proj.weight"].abs().max() > 0
+    assert grads["decoder.positions.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("limit", [None, 7])
+def test_fused_training_attention_with_a_fixed_span_equals_the_plain_path_and_the_paper_formula(limit):
+    torch.manual_seed(0)
+    model = make_model(learned=False, block=4, max_span=10)
+    compare_kernels(model, *kernel_inputs(), limit)
+
+
+def test_fused_training_attention_of_the_first_block_equals_the_plain_path():
+    """A stream's first block: the memory is M placeholders, no key older than the last 2M."""
+    torch.manual_seed(0)
+    model = make_model(block=4, max_span=16, ramp=4, init=0.5)
+    block = torch.randn(2, 4, 16, requires_grad=True)
+    compare_kernels(model, block, LayerMemory.empty(2, 4, 16, like=block))
+
+
+def test_attention_dropout_trains_through_the_plain_path_with_the_reason_logged_once(caplog):
+    model = make_model(block=4, attention_dropout=0.1).train()
+    attention = model.decoder.layers[0].attention
+    block, memory = kernel_inputs()
+    with caplog.at_level("INFO"):
+        for _ in range(2):
+            attention(
+                block,
+                attention.project(memory.hidden),
+                memory.distance,
+                memory.valid,
+                model.decoder.positions,
+            )
+    assert caplog.text.count("attention dropout 0.1") == 1 and "plain path" in caplog.text
+    assert make_model(attention_kernel="plain").decoder.layers[0].attention.kernel == "plain"

@@ -59,8 +59,10 @@ def test_bf16_attention_agrees_with_fp32_in_values_and_gradients(limit):
     results = {}
     for name, model in (("fp32", full), ("bf16", half)):
         block, memory = attention_inputs(next(model.parameters()).dtype)
-        out, keys, aux, attended = attend(model, block, memory, limit)
-        assert keys.spans.dtype == aux.dtype == attended.dtype == torch.float32  # mask maths in fp32
+        out, projected, span_loss, attn_mem = attend(model, block, memory, limit)
+        assert (
+            projected.spans.dtype == span_loss.dtype == attn_mem.dtype == torch.float32
+        )  # mask maths in fp32
         layer = model.decoder.layers[0].attention
         wanted = {
             "block": block,
@@ -70,16 +72,38 @@ def test_bf16_attention_agrees_with_fp32_in_values_and_gradients(limit):
             "spans": layer.span_predictor.proj.weight,
             "positions": model.decoder.positions.weight,
         }
-        grads = torch.autograd.grad(out.float().square().sum() + aux, list(wanted.values()))
+        grads = torch.autograd.grad(out.float().square().sum() + span_loss, list(wanted.values()))
         with torch.no_grad():  # the fused (evaluation) path
             fused, *_ = attend(model, block, memory, limit)
         results[name] = dict(out=out, fused=fused, **dict(zip(wanted, grads)))
-        results[name].update(spans=keys.spans.detach(), aux=aux.detach(), attended=attended)
-    for key in ("spans", "aux", "attended"):
+        results[name].update(spans=projected.spans.detach(), span_loss=span_loss.detach(), attn_mem=attn_mem)
+    for key in ("spans", "span_loss", "attn_mem"):
         assert torch.allclose(results["bf16"][key], results["fp32"][key], rtol=1e-5), key
     for key, value in results["fp32"].items():
         assert torch.isfinite(results["bf16"][key]).all(), key
         assert relative_error(results["bf16"][key].detach(), value.detach()) < ATTENTION_RTOL, key
+
+
+def test_bf16_fused_training_attention_agrees_with_the_plain_path():
+    """The same bf16 model through the fused kernels and the plain path: outputs and gradients (the position
+    table and the spans included) within ATTENTION_RTOL of each other."""
+    torch.manual_seed(0)
+    model = make_model(block=8, max_span=32, ramp=4, init=0.4)
+    attention = model.decoder.layers[0].attention
+    torch.nn.init.normal_(attention.span_predictor.proj.weight, std=1.0)
+    model = model.to(torch.bfloat16)
+    block, memory = attention_inputs(torch.bfloat16)
+    parameters = [block, *model.parameters()]
+    results = {}
+    for kernel in ("fused", "plain"):
+        model.decoder.layers[0].attention.kernel = kernel
+        out, *_ = attend(model, block, memory)
+        results[kernel] = [
+            out,
+            *torch.autograd.grad(out.float().square().sum(), parameters, allow_unused=True),
+        ]
+    for fused, plain in zip(results["fused"], results["plain"]):
+        assert (fused is None and plain is None) or relative_error(fused, plain) < ATTENTION_RTOL
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -122,3 +122,13 @@ def test_a_model_of_another_plugin_is_refused_by_name(data_bin):
 def test_the_fixed_span_model_has_no_expire_span_options_to_check(data_bin):
     model, criterion = build(parsed(data_bin, "fixed_span_lm_tiny", "--max-span", 16))
     assert model.decoder.rule.max_span == 16 and not model.decoder.rule.learned and criterion.alpha == 0
+
+
+@pytest.mark.parametrize("arch", ["expire_span_lm_tiny", "adaptive_span_lm_tiny"])
+def test_attention_kernel_option_reaches_every_layer(data_bin, arch):
+    model, _ = build(parsed(data_bin, arch, "--attention-kernel", "plain"))
+    assert {layer.attention.kernel for layer in model.decoder.layers} == {"plain"}
+    model, _ = build(parsed(data_bin, arch))
+    assert {layer.attention.kernel for layer in model.decoder.layers} == {"fused"}
+    with pytest.raises(SystemExit):
+        parsed(data_bin, arch, "--attention-kernel", "flash")

@@ -16,6 +16,7 @@ from fairseq_expire.models.expire_span_lm import (
     FixedSpanLanguageModel,
     FixedSpanLMConfig,
     _set_defaults,
+    attention_kernel,
     check_model_options,
     check_option_rules,
     enwik8_layers,
@@ -46,6 +47,7 @@ class AdaptiveSpanDecoder(ExpireSpanDecoder):
             self.rule,
             cfg.attention_dropout,
             cfg.adaptive_span_init,
+            kernel=attention_kernel(cfg),
         )
 
     def head_spans(self) -> torch.Tensor:

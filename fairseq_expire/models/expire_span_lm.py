@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fairseq import options
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import (
     FairseqIncrementalDecoder,
     FairseqLanguageModel,
@@ -32,6 +32,7 @@ from fairseq_expire.errors import UsageError
 from fairseq_expire.modules.expire_span import (
     ExpireSpanAttention,
     LayerMemory,
+    Projection,
     RelativePositionTable,
     SpanRule,
     StepMemory,
@@ -52,6 +53,14 @@ class MemoryLMConfig(FairseqDataclass):
     decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads K (D = H / K)"})
     dropout: float = field(default=0.3, metadata={"help": "dropout on the feed-forward hidden layer"})
     attention_dropout: float = field(default=0.3, metadata={"help": "dropout on attention probabilities"})
+    attention_kernel: ChoiceEnum(["fused", "plain"]) = field(
+        default="fused",
+        metadata={
+            "help": "training attention: fused = fused kernels with exact gradients, keeping O(B K M D) per "
+            "layer instead of the B x K x M x T probabilities (the plain path where attention dropout > 0, "
+            "logged); plain = the plain reference path"
+        },
+    )
     embedding_dropout: float = field(
         default=0.0, metadata={"help": "dropout on the embedding output and the last layer's output"}
     )
@@ -168,6 +177,11 @@ def check_model_options(cfg, learned_spans: bool) -> None:
             f"--tokens-per-sample {cfg.tokens_per_sample} is longer than --max-span {cfg.max_span}: a block must "
             "fit in the span (the previous block is always attended). Use --max-span >= --tokens-per-sample."
         )
+
+
+def attention_kernel(cfg) -> str:
+    """``--attention-kernel`` (configurations saved before it existed: fused)."""
+    return str(getattr(cfg, "attention_kernel", None) or "fused")
 
 
 class ExpireSpanLayer(nn.Module):
@@ -312,6 +326,7 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
             cfg.attention_dropout,
             init_percentage=getattr(cfg, "expire_span_init_percentage", 0.1),
             pre_div=getattr(cfg, "expire_span_pre_div", 1.0),
+            kernel=attention_kernel(cfg),
         )
 
     def update_layer_memory(self, memory, block, projected, span_limit, cache: bool) -> LayerMemory:
@@ -468,6 +483,9 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
         updates = []
         for layer, memory in zip(self.layers, memories):
             out, projected, layer_span_loss, layer_attn_mem = layer(x, memory, self.positions, mask_limit)
+            # without the cache the update needs only the spans: holding the keys and values until then would
+            # keep every layer's at once
+            projected = projected if cache else Projection(None, None, projected.spans)
             updates.append((memory, x, projected))
             attn_mem.append(layer_attn_mem)
             if projected.spans is not None:

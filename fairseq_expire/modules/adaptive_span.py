@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from fairseq_expire.modules.expire_span import ExpireSpanAttention, SpanRule, _LogSoftMask
+from fairseq_expire.modules.expire_span import ExpireSpanAttention, SoftMask, SpanRule
 
 
 class HeadSpans(nn.Module):
@@ -44,21 +44,27 @@ class AdaptiveSpanAttention(ExpireSpanAttention):
     L1 loss on ``z`` is the decoder's)."""
 
     def __init__(
-        self, hidden_size: int, num_heads: int, rule: SpanRule, attention_dropout: float, init_fraction
+        self,
+        hidden_size: int,
+        num_heads: int,
+        rule: SpanRule,
+        attention_dropout: float,
+        init_fraction,
+        kernel: str = "fused",
     ):
         # built as a fixed-span attention (no span predictor), then given the per-head spans
-        super().__init__(hidden_size, num_heads, dataclasses.replace(rule, learned=False), attention_dropout)
+        super().__init__(
+            hidden_size, num_heads, dataclasses.replace(rule, learned=False), attention_dropout, kernel=kernel
+        )
         self.rule = rule
         self.span_predictor = HeadSpans(num_heads, rule.max_span, init_fraction)
 
-    def span_mask(self, spans, first_distance, far, valid, block_size: int, span_limit):
-        """``log m_z`` per head (B x K x M x T), no span loss, the last query of each head that sees each key
-        (B x K x T)."""
+    def span_mask(self, spans, far, block_size: int, span_limit, causal: bool) -> SoftMask:
+        """``m_z`` per head: ``r = z_k - x`` seen from the block's first query (B x K x T)."""
         z = self.span_predictor.spans()
         z = (z if span_limit is None else z.clamp(max=span_limit)).view(1, -1, 1)  # 1 x K x 1
-        # r = z - x seen from the block's first query; query t sees r - t
-        log_mask = _LogSoftMask.apply(z - far.unsqueeze(1), block_size, self.rule.ramp)  # B x K x M x T
-        last_visible = (
-            torch.ceil(z.detach() + self.rule.ramp - first_distance.unsqueeze(1)) - 1
-        )  # t - i < z + R
-        return log_mask, far.new_zeros(()), last_visible
+        return SoftMask(z - far.unsqueeze(1), block_size, self.rule.ramp, causal)
+
+    def span_loss(self, spans, first_distance, valid, block_size: int, span_limit):
+        """None of Expire-Span's: the L1 loss on ``z`` is the decoder's."""
+        return first_distance.new_zeros(())

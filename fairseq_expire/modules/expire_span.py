@@ -18,6 +18,7 @@ expires, so a layer holds at most L + R - 1 entries whatever the length.
 
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -27,14 +28,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Projection:
-    """Keys and values (B x T x H) and expire-spans (B x T, fp32; None for fixed spans) of T positions."""
+    """Keys and values (B x T x H; None where only the spans are needed) and expire-spans (B x T, fp32; None for
+    fixed spans) of T positions."""
 
-    keys: Tensor
-    values: Tensor
+    keys: Optional[Tensor]
+    values: Optional[Tensor]
     spans: Optional[Tensor]
+    # what they were projected from (B x T x H), kept by the projections' backward anyway: training attention
+    # projects it again instead of keeping the keys and values
+    source: Optional[Tensor] = None
 
 
 @dataclass
@@ -77,7 +84,8 @@ class SpanPredictor(nn.Module):
         nn.init.constant_(self.proj.bias, math.log(init_percentage / (1.0 - init_percentage)))
 
     def forward(self, hidden: Tensor) -> Tensor:  # B x T x H -> B x T
-        logit = F.linear(hidden.float() / self.pre_div, self.proj.weight.float(), self.proj.bias.float())
+        # w . (h / pre_div) as (w / pre_div) . h: autograd keeps h itself, not a B x T x H copy of it
+        logit = F.linear(hidden.float(), self.proj.weight.float() / self.pre_div, self.proj.bias.float())
         return self.max_span * torch.sigmoid(logit.squeeze(-1))
 
 
@@ -115,8 +123,14 @@ class _LogSoftMask(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (remaining_first,) = ctx.saved_tensors
         mask = _block_soft_mask(remaining_first, ctx.block_size, ctx.ramp)
-        on_ramp = (mask > 0) & (mask < 1)
-        return torch.where(on_ramp, grad / mask, 0.0).sum(-2) / ctx.ramp, None, None
+        return _ramp_gradient(grad, mask, ctx.ramp), None, None
+
+
+def _ramp_gradient(grad_log_mask: Tensor, mask: Tensor, ramp: int) -> Tensor:
+    """``d r_i = sum_t d log m_{t,i} / (R m_{t,i})`` over the queries t that see i on the ramp (0 < m < 1), the
+    only place ``log m`` depends on ``r``: ... x M x n -> ... x n."""
+    on_ramp = (mask > 0) & (mask < 1)
+    return torch.where(on_ramp, grad_log_mask / mask, 0.0).sum(-2) / ramp
 
 
 class _SoftmaxInFloat(torch.autograd.Function):
@@ -186,10 +200,16 @@ class RelativePositionTable(nn.Module):
                 "--tokens-per-sample the model was trained with"
             )
         band = torch.matmul(query, self.weight.flip(-1).to(query.dtype))  # B x K x M x M, column j: d = M - j
-        # the band's (t, j) is (t, t + j) of scores: one row and one column further per t
-        row, column = scores.stride()[-2:]
-        strides = (*scores.stride()[:-2], row + column, column)
-        scores.as_strided(band.shape, strides, scores.storage_offset()).add_(band)
+        _band(scores).add_(band)
+
+    def backward(self, query: Tensor, grad_scores: Tensor):
+        """The gradients of :meth:`add_scores_` on the query (B x K x M x D) and the table (D x M), given those
+        of the scores (B x K x M x 2M)."""
+        grad_band = _band(grad_scores)  # B x K x M x M
+        table = self.weight.flip(-1).to(query.dtype)  # D x M
+        grad_query = torch.matmul(grad_band, table.t())
+        grad_table = torch.matmul(query.transpose(-1, -2), grad_band).sum((0, 1)).flip(-1)
+        return grad_query, grad_table.to(self.weight.dtype)
 
     def scores_at(self, query: Tensor, distance: Tensor) -> Tensor:
         """``q . p_d`` for one query (B x K x 1 x D) and keys at distance d (B x N, any layout): B x K x 1 x N,
@@ -200,6 +220,15 @@ class RelativePositionTable(nn.Module):
         scores = table.gather(-1, index[:, None, None, :].expand(B, K, 1, -1))
         near = (distance >= 1) & (distance <= self.block_size)
         return scores * near[:, None, None, :]
+
+
+def _band(scores: Tensor) -> Tensor:
+    """The view of ``scores`` (... x M x 2M, any strides) whose (t, j) is (t, t + j): the M keys at distances
+    M, ..., 1 from query t, one row and one column further per t (Transformer-XL's relative shift)."""
+    M = scores.size(-2)
+    row, column = scores.stride()[-2:]
+    strides = (*scores.stride()[:-2], row + column, column)
+    return scores.as_strided((*scores.shape[:-1], M), strides, scores.storage_offset())
 
 
 @dataclass
@@ -223,8 +252,59 @@ def alive(
     return next_distance <= limit
 
 
+@dataclass
+class SoftMask:
+    """``m_{t,i}`` of a block's M queries over its T keys, kept as one term per key: ``r_i`` seen from the block's
+    first query (query t sees ``r_i - t``). That is O(B K' T) where the mask is B x K' x M x T, so attention can
+    rebuild any part of it instead of keeping it (K' = 1: shared by the heads; K: one per head)."""
+
+    remaining: (
+        Tensor  # B x K' x T   r_i (fp32, -inf for padding); fixed span: L - (t - i) from the first query
+    )
+    block_size: int  # M
+    ramp: Optional[int]  # R; None: a fixed span's window, m = 1 iff r_i - t >= 0
+    causal: bool  # the last M keys are the block itself: query t sees block key j only if j < t
+
+    def log(self) -> Tensor:
+        """``log m`` (B x K' x M x T, fp32), -inf where m = 0 or not causal; its gradient reaches ``remaining``
+        only on the ramp (:class:`_LogSoftMask`)."""
+        M, device = self.block_size, self.remaining.device
+        if self.ramp is not None:
+            log_mask = _LogSoftMask.apply(self.remaining, M, self.ramp)
+        else:
+            too_far = self.remaining.unsqueeze(-2) < _query_offsets(M, device)  # r - t < 0: t - i > L
+            log_mask = torch.zeros(too_far.shape, device=device).masked_fill_(too_far, -math.inf)
+        if self.causal:
+            log_mask[..., -M:].masked_fill_(_not_before(M, device), -math.inf)
+        return log_mask
+
+    def last_visible(self) -> Tensor:
+        """B x K' x T: the last query that sees each key (m > 0: r - t > -R; fixed span: r - t >= 0)."""
+        remaining = self.remaining.detach()
+        return torch.ceil(remaining + self.ramp) - 1 if self.ramp is not None else torch.floor(remaining)
+
+
+def _fill_rows_that_see_nothing_(log_mask: Tensor) -> Tensor:
+    """Rows of ``log m`` (B x K' x M x T) that see no key (a stream's start) become 0 in place, so that softmax
+    and kernels stay finite; returns B x K' x M x 1, False for them (their output is set to 0). Applied
+    unconditionally: testing for such rows first would stall a GPU's queue once per layer (host sync)."""
+    sees_something = log_mask.amax(-1, keepdim=True) > -math.inf
+    log_mask.masked_fill_(~sees_something, 0.0)
+    return sees_something
+
+
+@functools.lru_cache(maxsize=None)
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
 class ExpireSpanAttention(nn.Module):
-    """Multi-head attention over [memory ; block] with learned expiration, and the memory update after it."""
+    """Multi-head attention over [memory ; block] with learned expiration, and the memory update after it.
+
+    ``kernel``: "fused" trains through the fused kernels (:class:`_FusedSpanAttention`) where they can (no
+    attention dropout, a kernel for the device), else the plain path; "plain": always the plain reference path
+    (the B x K x M x T scores and probabilities, kept for the backward).
+    """
 
     def __init__(
         self,
@@ -234,13 +314,17 @@ class ExpireSpanAttention(nn.Module):
         attention_dropout: float,
         init_percentage: float = 0.1,
         pre_div: float = 1.0,
+        kernel: str = "fused",
     ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"--decoder-embed-dim {hidden_size} is not divisible by {num_heads} heads")
+        if kernel not in ("fused", "plain"):
+            raise ValueError(f"attention kernel {kernel!r}: must be fused or plain")
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.rule = rule
+        self.kernel = kernel
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
@@ -256,7 +340,7 @@ class ExpireSpanAttention(nn.Module):
     def project(self, x: Tensor) -> Projection:
         """Keys, values and spans of positions (B x T x H, normalized if pre-norm)."""
         spans = self.span_predictor(x) if self.span_predictor is not None else None
-        return Projection(self.k_proj(x), self.v_proj(x), spans)
+        return Projection(self.k_proj(x), self.v_proj(x), spans, source=x)
 
     def forward(
         self,
@@ -267,7 +351,8 @@ class ExpireSpanAttention(nn.Module):
         positions: RelativePositionTable,
         span_limit: Optional[float] = None,
     ):
-        """Attention output (B x M x H), the projection of all T keys, the span loss (None: fixed spans), |C_t|.
+        """Attention output (B x M x H), the projection of all T keys (``projected``), the span loss (None: fixed
+        spans) and |C_t| (``attn_mem``, keys attended per query).
 
         ``span_limit`` caps spans in the mask and the loss (training noise ``u * L``, or the inference cap).
         """
@@ -279,46 +364,19 @@ class ExpireSpanAttention(nn.Module):
         )  # B x T
         far = first_distance.masked_fill(~valid, math.inf)  # padding is infinitely far, so it gets m = 0
 
-        keys = Projection(
+        projected = Projection(
             torch.cat([past.keys, now.keys], dim=1),  # B x T x H
             torch.cat([past.values, now.values], dim=1),
             torch.cat([past.spans, now.spans], dim=1) if self.rule.learned else None,  # B x T, fp32
         )
-        log_mask, aux, last_visible = self.span_mask(keys.spans, first_distance, far, valid, M, span_limit)
-        if log_mask.dim() == 3:  # shared by the heads
-            log_mask, last_visible = log_mask.unsqueeze(1), last_visible.unsqueeze(1)
-        # causal, self excluded: block key j is visible from query t only if j < t
-        log_mask[..., -M:].masked_fill_(_not_before(M, block.device), -math.inf)
-        # B x K' x M x 1: False only at a stream's start. Applied unconditionally: testing for it first would
-        # stall a GPU's queue once per layer (host sync) to save one pass over the mask.
-        sees_something = log_mask.amax(-1, keepdim=True) > -math.inf
-        log_mask.masked_fill_(~sees_something, 0.0)
-
+        mask = self.span_mask(projected.spans, far, M, span_limit, causal=True)
+        span_loss = self.span_loss(projected.spans, first_distance, valid, M, span_limit)
         q = self._heads(self.q_proj(block)) * self.head_dim**-0.5  # B x K x M x D
-        k, v = self._heads(keys.keys), self._heads(keys.values)  # B x K x T x D
-        # s = q.(k + p_{t-i}) / sqrt(D), the position term only for the previous and current block;
-        # a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)
-        if torch.is_grad_enabled():
-            # the position term goes into its own part: autograd would copy all of B x K x M x T back through
-            # an in-place add to a view
-            scores = torch.cat(
-                [
-                    torch.matmul(q, k[:, :, : -2 * M].transpose(-1, -2)),
-                    torch.matmul(q, k[:, :, -2 * M :].transpose(-1, -2)) + positions.scores(q),
-                ],
-                dim=-1,
-            )  # B x K x M x T
-            out = torch.matmul(self.dropout(_SoftmaxInFloat.apply(scores, log_mask)), v)  # B x K x M x D
-        else:
-            out = fused_attention(q, k, v, log_mask, positions, self.dropout.p if self.training else 0.0)
-        out = out * sees_something
-        out = out.transpose(1, 2).reshape(B, M, -1)  # B x M x H
-
-        with torch.no_grad():  # |C_t|: key i is visible to the queries max(0, 1 - d_i) <= t <= last_visible_i
-            first_visible = (1 - first_distance).clamp(min=0).unsqueeze(1)  # B x 1 x T
-            seen_by = (last_visible.clamp(max=M - 1) - first_visible + 1).clamp(min=0) * valid.unsqueeze(1)
-            attended = seen_by.sum() / (B * M * seen_by.size(1))  # mean over queries (and heads)
-        return self.out_proj(out), keys, aux, attended
+        k, v = self._heads(projected.keys), self._heads(projected.values)  # B x K x T x D
+        sources = (past.source, block) if past.source is not None else None  # of k and v
+        out = self.attend(q, k, v, mask, positions, sources).transpose(1, 2).reshape(B, M, -1)  # B x M x H
+        attn_mem = attn_mem_of(mask, first_distance, valid)
+        return self.out_proj(out), projected, span_loss, attn_mem
 
     def step(
         self,
@@ -335,45 +393,127 @@ class ExpireSpanAttention(nn.Module):
         """
         B = token.size(0)
         far = memory.distance.masked_fill(~memory.valid, math.inf)  # B x N: t - i, padding infinitely far
-        # the block's mask for a block of one query: B x 1 x N, or B x K x 1 x N per head
-        log_mask, _, _ = self.span_mask(memory.spans, memory.distance, far, memory.valid, 1, span_limit)
-        if log_mask.dim() == 3:  # shared by the heads
-            log_mask = log_mask.unsqueeze(1)
-        sees_something = (log_mask > -math.inf).any(
-            -1, keepdim=True
-        )  # B x K' x 1 x 1: False at a stream's start
+        # the block's mask for a block of one query: B x K' x 1 x N
+        log_mask = self.span_mask(memory.spans, far, 1, span_limit, causal=False).log()
+        sees_something = _fill_rows_that_see_nothing_(log_mask)  # B x K' x 1 x 1: False at a stream's start
 
         q = self._heads(self.q_proj(token)) * self.head_dim**-0.5  # B x K x 1 x D
         k, v = self._heads(memory.keys), self._heads(memory.values)  # B x K x N x D
         # s = q.(k + p_{t-i}) / sqrt(D), the position term for distances 1..M; a' = softmax(s + log m)
         scores = (torch.matmul(q, k.transpose(-1, -2)) + positions.scores_at(q, memory.distance)).float()
-        attn = torch.softmax(scores + log_mask.masked_fill(~sees_something, 0.0), dim=-1)  # B x K x 1 x N
+        attn = torch.softmax(scores + log_mask, dim=-1)  # B x K x 1 x N
         out = torch.matmul(self.dropout(attn).to(v.dtype), v) * sees_something  # B x K x 1 x D
         out = out.transpose(1, 2).reshape(B, 1, -1)  # B x 1 x H
         return self.out_proj(out), memory.advance(self.project(token), self.rule, span_limit)
 
-    def span_mask(self, spans, first_distance, far, valid, block_size: int, span_limit: Optional[float]):
-        """``log m`` of the block's queries over all T keys, before causality (B x M x T, or B x K x M x T for a
-        mask per head), the span loss (None: no loss) and, per key, the last query that sees it (B x T, or
-        B x K x T). ``far`` is ``first_distance`` with padding at infinity."""
-        M = block_size
+    def span_mask(self, spans, far, block_size: int, span_limit: Optional[float], causal: bool) -> SoftMask:
+        """The soft mask ``m_{t,i} = clamp(1 + (e_i - (t - i)) / R, 0, 1)`` (4.1; fixed span: 1 for t - i <= L) of
+        the block's queries, from the spans ``e`` (B x T) capped at ``span_limit`` and ``far``, the distance from
+        the block's first query (B x T, padding at infinity)."""
         if self.rule.learned:
             spans = spans if span_limit is None else spans.clamp(max=span_limit)
-            log_mask = _LogSoftMask.apply(spans - far, M, self.rule.ramp)  # B x M x T
-            aux = ramp_span_loss(spans - first_distance, M, self.rule.ramp).masked_fill(~valid, 0.0).sum()
-            last_visible = (
-                torch.ceil(spans.detach() + self.rule.ramp - first_distance) - 1
-            )  # m > 0: t - i < e + R
-            return log_mask, aux, last_visible
+            return SoftMask((spans - far).unsqueeze(1), block_size, self.rule.ramp, causal)
         limit = self.rule.max_span if span_limit is None else min(self.rule.max_span, span_limit)
-        too_far = far.unsqueeze(1) + _query_offsets(M, far.device) > limit  # B x M x T: t - i > L
-        log_mask = torch.zeros(too_far.shape, device=far.device).masked_fill_(too_far, -math.inf)
-        return log_mask, None, torch.floor(limit - first_distance)  # m > 0: t - i <= L
+        return SoftMask((limit - far).unsqueeze(1), block_size, None, causal)
+
+    def span_loss(self, spans, first_distance, valid, block_size: int, span_limit: Optional[float]):
+        """``sum_{t,i on the ramp} r_{t,i} / R`` over the block's queries and valid keys (4.2 "Loss
+        Computation"); None for fixed spans."""
+        if not self.rule.learned:
+            return None
+        spans = spans if span_limit is None else spans.clamp(max=span_limit)
+        return (
+            ramp_span_loss(spans - first_distance, block_size, self.rule.ramp).masked_fill(~valid, 0.0).sum()
+        )
+
+    @torch.no_grad()
+    def _keys_and_values(self, past_source: Tensor, block: Tensor):
+        """k and v of [memory ; block] (B x K x T x D), projected again exactly as :meth:`forward` did."""
+        keys = torch.cat([self.k_proj(past_source), self.k_proj(block)], dim=1)  # B x T x H
+        values = torch.cat([self.v_proj(past_source), self.v_proj(block)], dim=1)
+        return self._heads(keys), self._heads(values)
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: SoftMask,
+        positions: RelativePositionTable,
+        sources: Optional[tuple] = None,
+    ):
+        """``a' v`` with ``a' = m exp(s) / sum_j m exp(s_j) = softmax(s + log m)``, ``s = q.(k + p_{t-i})`` (q
+        already scaled by 1 / sqrt(D); the position term only for the last 2M keys, the previous and current
+        block): q B x K x M x D, k and v B x K x T x D -> B x K x M x D, 0 for rows that see nothing.
+
+        Evaluation: fused kernels. Training: :class:`_FusedSpanAttention` (exact gradients, nothing of size
+        B x K x M x T kept; k and v projected again for the backward from their ``sources``, what memory and
+        block were projected from, else kept), or the plain reference path (``kernel="plain"``, attention dropout, no kernel for the device; logged once).
+        """
+        if not torch.is_grad_enabled():
+            log_mask = mask.log()
+            sees_something = _fill_rows_that_see_nothing_(log_mask)
+            dropout_p = self.dropout.p if self.training else 0.0
+            return fused_attention(q, k, v, log_mask, positions, dropout_p) * sees_something
+        reason = self._plain_reason(q)
+        if reason is None:
+            project = None if sources is None else self._keys_and_values
+            return _FusedSpanAttention.apply(
+                q, k, v, mask.remaining, positions.weight, mask, positions, project, *(sources or (k, v))
+            )
+        if self.kernel == "fused":
+            _log_once(reason)
+        return self._plain_attention(q, k, v, mask, positions)
+
+    def _plain_reason(self, q: Tensor) -> Optional[str]:
+        """Why training attention takes the plain path, or None for the fused one."""
+        if self.kernel == "plain":
+            return "--attention-kernel plain"
+        if self.training and self.dropout.p > 0:
+            return (
+                f"attention dropout {self.dropout.p}: the fused kernels cannot replay its mask in the backward, "
+                "so training attention takes the plain path (B x K x M x T probabilities kept)"
+            )
+        if not _has_fused_kernel(q.device):
+            return f"no fused attention kernel with a log-sum-exp on {q.device.type}: training attention is plain"
+        return None
+
+    def _plain_attention(self, q, k, v, mask: SoftMask, positions: RelativePositionTable) -> Tensor:
+        """The reference: fp32 scores and probabilities of every head, query and key (B x K x M x T), the
+        probabilities kept for the backward (:class:`_SoftmaxInFloat`)."""
+        M = q.size(-2)
+        log_mask = mask.log()  # B x K' x M x T
+        sees_something = _fill_rows_that_see_nothing_(log_mask)
+        # the position term goes into its own part: autograd would copy all of B x K x M x T back through an
+        # in-place add to a view
+        scores = torch.cat(
+            [
+                torch.matmul(q, k[:, :, : -2 * M].transpose(-1, -2)),
+                torch.matmul(q, k[:, :, -2 * M :].transpose(-1, -2)) + positions.scores(q),
+            ],
+            dim=-1,
+        )  # B x K x M x T
+        out = torch.matmul(self.dropout(_SoftmaxInFloat.apply(scores, log_mask)), v)  # B x K x M x D
+        return out * sees_something
+
+
+def attn_mem_of(mask: SoftMask, first_distance: Tensor, valid: Tensor) -> Tensor:
+    """The paper's memory size |C_t|: keys with m > 0 per query, mean over the block's queries (and heads). Key i
+    is visible to the queries ``max(0, 1 - d_i) <= t <= last_visible_i``."""
+    with torch.no_grad():
+        B, M = first_distance.size(0), mask.block_size
+        first_visible = (1 - first_distance).clamp(min=0).unsqueeze(1)  # B x 1 x T
+        seen_by = (mask.last_visible().clamp(max=M - 1) - first_visible + 1).clamp(min=0) * valid.unsqueeze(1)
+        return seen_by.sum() / (B * M * seen_by.size(1))  # seen_by: B x K' x T
 
 
 # The CPU flash kernel behind scaled_dot_product_attention, called directly for its log-sum-exp (the public
-# function does not return it). Where it is missing, or on other devices, attention takes the plain fused path.
+# function does not return it); on CUDA the memory-efficient kernel, which also returns it.
 _CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def _has_fused_kernel(device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and hasattr(torch.ops.aten, _CPU_FLASH))
 
 
 def fused_attention(
@@ -389,8 +529,8 @@ def fused_attention(
     q: B x K x M x D, k and v: B x K x T x D, log m: B x K' x M x T (fp32; K' = 1 when the heads share it)
     -> B x K x M x D. Every row must see a key.
     """
-    if q.device.type == "cpu" and k.size(-2) > 2 * q.size(-2) and hasattr(torch.ops.aten, _CPU_FLASH):
-        return _split_flash_attention(q, k, v, log_mask, positions, dropout_p)
+    if q.device.type == "cpu" and k.size(-2) > 2 * q.size(-2) and _has_fused_kernel(q.device):
+        return _split_flash_attention(q, k, v, log_mask, positions, dropout_p)[0]
     return _whole_bias_attention(q, k, v, log_mask, positions, dropout_p)
 
 
@@ -402,34 +542,207 @@ def _whole_bias_attention(q, k, v, log_mask, positions, dropout_p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=1.0)
 
 
-def _split_flash_attention(q, k, v, log_mask, positions, dropout_p):
-    """The older memories' keys (all but the last 2M) have no position term, so their bias is log m, shared by
-    the heads where it is (B x 1 x M x A, broadcast by the kernel, never copied K times). The two parts go through the CPU
-    flash kernel separately, and are merged by their log-sum-exps:
-    ``o = (e^{lse_old} o_old + e^{lse_recent} o_recent) / (e^{lse_old} + e^{lse_recent})``.
-    """
+def _recent_bias(q: Tensor, log_mask: Tensor, positions: RelativePositionTable) -> Tensor:
+    """log m of the last 2M keys plus their position term, per head: B x K x M x 2M in q's dtype."""
     B, K, M, _ = q.shape
+    bias = q.new_empty(B, K, M, 2 * M).copy_(log_mask[..., -2 * M :])
+    positions.add_scores_(q, bias)
+    return bias
+
+
+def _split_flash_attention(q, k, v, log_mask, positions, dropout_p):
+    """Output (B x K x M x D) and log-sum-exp (B x K x M, fp32) over all T keys in two kernel calls. The older
+    memories' keys (all but the last 2M, if any) have no position term, so their bias is log m, shared by the
+    heads where it is (B x 1 x M x A, broadcast by the kernel, never copied K times). The two parts are merged by
+    their log-sum-exps: ``o = (e^{lse_old} o_old + e^{lse_recent} o_recent) / (e^{lse_old} + e^{lse_recent})``.
+    """
+    M = q.size(-2)
     old = k.size(-2) - 2 * M
-    recent_bias = q.new_empty(B, K, M, 2 * M).copy_(log_mask[..., old:])  # B x K x M x 2M
-    positions.add_scores_(q, recent_bias)
+    recent = _flash_with_log_sum_exp(
+        q, k[:, :, old:], v[:, :, old:], log_mask[..., old:], _recent_bias(q, log_mask, positions), dropout_p
+    )
+    if old == 0:
+        return recent
     parts = [
         _flash_with_log_sum_exp(q, k[:, :, :old], v[:, :, :old], log_mask[..., :old], None, dropout_p),
-        _flash_with_log_sum_exp(q, k[:, :, old:], v[:, :, old:], log_mask[..., old:], recent_bias, dropout_p),
+        recent,
     ]
     total = torch.logaddexp(parts[0][1], parts[1][1])  # B x K x M
-    return sum(out * (lse - total).exp().unsqueeze(-1).to(out.dtype) for out, lse in parts)
+    return sum(out * (lse - total).exp().unsqueeze(-1).to(out.dtype) for out, lse in parts), total
 
 
 def _flash_with_log_sum_exp(q, k, v, log_mask, bias, dropout_p):
-    """Output and log-sum-exp (B x K x M, fp32) of the CPU flash kernel over keys with mask ``log_mask``
+    """Output and log-sum-exp (B x K x M, fp32) of the fused kernel over keys with mask ``log_mask``
     (B x K' x M x T'), and the per-head ``bias`` if given (else log m); lse = -inf for a row that sees none of
     these keys (the kernel gives 0 there)."""
-    bias = log_mask if bias is None else bias
-    out, lse = getattr(torch.ops.aten, _CPU_FLASH)(
-        q, k, v, dropout_p, False, attn_mask=bias.to(q.dtype), scale=1.0
-    )
+    out, lse = _kernel_forward(q, k, v, (log_mask if bias is None else bias).to(q.dtype), dropout_p)
     sees_nothing = log_mask.amax(-1) == -math.inf  # B x K' x M
     return out, lse.masked_fill(sees_nothing, -math.inf)
+
+
+def _kernel_forward(q, k, v, bias, dropout_p=0.0):
+    """The fused kernel over keys k with an additive bias (B x K' x M x T'): output and log-sum-exp (B x K x M)."""
+    if q.device.type == "cpu":
+        return getattr(torch.ops.aten, _CPU_FLASH)(q, k, v, dropout_p, False, attn_mask=bias, scale=1.0)
+    out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, _aligned_bias(bias, q), True, dropout_p, False, scale=1.0
+    )
+    return out, lse[..., : q.size(-2)]  # the CUDA kernel pads its lse's query dimension
+
+
+def _kernel_backward(grad, q, k, v, bias, out, lse):
+    """q, k, v gradients of the kernel's keys from ``out`` and ``lse``, the merged output and log-sum-exp of all
+    the keys: then ``P = exp(s + bias - lse)`` and ``delta = rowsum(dO o)`` are those of the whole softmax, so a
+    part's gradients are exactly its share of the whole's."""
+    if q.device.type == "cpu":
+        return getattr(torch.ops.aten, _CPU_FLASH + "_backward")(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=1.0
+        )
+    M = q.size(-2)
+    align = 1 if torch.version.hip else 32  # the kernel's lse layout: queries padded to a multiple of this
+    padded = F.pad(lse, (0, -M % align))
+    seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        grad,
+        q,
+        k,
+        v,
+        _aligned_bias(bias, q),
+        out,
+        padded,
+        seed,
+        offset,
+        0.0,
+        [True, True, True, False],
+        False,
+        scale=1.0,
+    )
+    return dq, dk, dv
+
+
+def _aligned_bias(bias: Tensor, q: Tensor) -> Tensor:
+    """The CUDA kernel wants the bias per head, its rows aligned to 16 elements: B x K x M x T' (a view)."""
+    B, K, M, _ = q.shape
+    width = bias.size(-1)
+    aligned = bias.new_empty(*bias.shape[:-1], width + (-width % 16))[..., :width].copy_(bias)
+    return aligned.expand(B, K, M, width)
+
+
+class _FusedSpanAttention(torch.autograd.Function):
+    """:meth:`ExpireSpanAttention.attend` through the fused kernels, with exact gradients. Saved: q, the output,
+    its log-sum-exp (B x K x M) and the per-key ``r`` (:class:`SoftMask`); never B x K x M x T. k and v are
+    ``project(*sources)`` again (from what the projections keep anyway), or the ``sources`` themselves.
+
+    Backward, with ``P = exp(s + log m - lse)``, ``delta = rowsum(dO o)`` and ``dS = P (dO . v - delta)``:
+    - the older keys' q, k, v gradients from the kernel's backward (:func:`_kernel_backward`);
+    - the last 2M keys (own position term, B x K x M x 2M) by recomputing their scores: q, k and the position
+      table get ``dS`` through them, v gets ``P^T dO``;
+    - ``r`` only where ``log m`` depends on it, the ramp (:func:`_ramp_gradient`): the last 2M keys from their
+      ``dS``, the older ones from the scores of the keys whose ramp meets the block (:func:`_far_ramp_gradient`).
+    ``d log m = dS``, summed over the heads where they share the mask.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q, k, v, remaining, table, mask: SoftMask, positions: RelativePositionTable, project, *sources
+    ):
+        mask = dataclasses.replace(mask, remaining=remaining)
+        log_mask = mask.log()  # B x K' x M x T, rebuilt in the backward
+        sees_something = _fill_rows_that_see_nothing_(log_mask)
+        out, lse = _split_flash_attention(q, k, v, log_mask, positions, 0.0)
+        ctx.save_for_backward(q, remaining, out, lse, sees_something, *sources)
+        ctx.mask, ctx.positions, ctx.project = mask, positions, project
+        return out * sees_something
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, remaining, out, lse, sees_something, *sources = ctx.saved_tensors
+        k, v = sources if ctx.project is None else ctx.project(*sources)  # B x K x T x D
+        mask = dataclasses.replace(ctx.mask, remaining=remaining)
+        old = k.size(-2) - 2 * q.size(-2)
+        log_mask = mask.log()
+        log_mask.masked_fill_(~sees_something, 0.0)
+        grad = (grad * sees_something).to(q.dtype)  # B x K x M x D
+        delta = (grad.float() * out.float()).sum(-1, keepdim=True)  # B x K x M x 1
+        lse = lse.unsqueeze(-1)  # B x K x M x 1
+        learned = ctx.needs_input_grad[3]
+
+        grad_q, grad_k, grad_v, grad_table, grad_remaining = _recent_backward(
+            q, k[:, :, old:], v[:, :, old:], grad, delta, lse, log_mask, mask, ctx.positions, learned
+        )
+        if learned:
+            older = _far_ramp_gradient(
+                q,
+                k[:, :, :old],
+                v[:, :, :old],
+                grad,
+                delta,
+                lse,
+                remaining[..., :old],
+                mask.block_size,
+                mask.ramp,
+            )
+            grad_remaining = torch.cat([older, grad_remaining], dim=-1)
+        if old > 0:
+            bias = log_mask[..., :old].to(q.dtype)
+            grad_q_old, grad_k_old, grad_v_old = _kernel_backward(
+                grad, q, k[:, :, :old], v[:, :, :old], bias, out, lse.squeeze(-1)
+            )
+            del k, v, log_mask, bias  # before the gradients of all T keys are assembled
+            grad_q = grad_q + grad_q_old
+            grad_k, grad_v = torch.cat([grad_k_old, grad_k], dim=2), torch.cat([grad_v_old, grad_v], dim=2)
+        return grad_q, grad_k, grad_v, grad_remaining, grad_table, None, None, None, None, None
+
+
+def _recent_backward(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, positions, span_gradient: bool):
+    """The last 2M keys' share of the backward (their position term is in no kernel's bias): the scores
+    ``s = q.(k + p_{t-i})`` recomputed (B x K x M x 2M), ``P`` and ``dS`` in place. Returns the gradients of q,
+    of these keys' k and v, of the position table and (``span_gradient``) of their ``r``."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    positions.add_scores_(q, scores)
+    probs = scores.float().add_(log_mask[..., -scores.size(-1) :]).sub_(lse).exp_()
+    grad_scores = torch.matmul(grad, v.transpose(-1, -2)).float().sub_(delta).mul_(probs)  # dS
+    grad_v = torch.matmul(probs.to(grad.dtype).transpose(-1, -2), grad)
+    del probs, scores
+    grad_remaining = None
+    if span_gradient:  # d log m = dS, summed over the heads where they share the mask
+        remaining = mask.remaining[..., -grad_scores.size(-1) :]  # B x K' x 2M
+        grad_log_mask = grad_scores.sum(1, keepdim=True) if remaining.size(1) == 1 else grad_scores
+        recent_mask = _block_soft_mask(remaining, mask.block_size, mask.ramp)
+        grad_remaining = _ramp_gradient(grad_log_mask, recent_mask, mask.ramp)
+    grad_s = grad_scores.to(q.dtype)
+    del grad_scores
+    grad_q, grad_table = positions.backward(q, grad_s)
+    grad_q = grad_q.add_(torch.matmul(grad_s, k))
+    grad_k = torch.matmul(grad_s.transpose(-1, -2), q)
+    return grad_q, grad_k, grad_v, grad_table, grad_remaining
+
+
+def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ramp: int) -> Tensor:
+    """``d r_i`` of the older keys (B x K' x A) from the keys whose ramp meets the block only (at most R
+    queries each): their scores are rebuilt, M keys at a time, for ``dS = P (dO . v - delta)``.
+
+    Which keys those are depends on the data: one host sync per layer in the backward.
+    """
+    B, K, M, D = q.shape
+    shared = remaining.size(1) == 1
+    # a query 0 <= t < M with r < t < r + R (loosely: the exact test is the mask's own, in _ramp_gradient)
+    meets = (remaining > -ramp - 1) & (remaining < M)  # B x K' x A
+    index, real = (x.view(*remaining.shape[:2], -1) for x in _survivors(meets.flatten(0, 1)))  # B x K' x n
+    grad_remaining = torch.zeros_like(remaining)
+    for start in range(0, index.size(-1), M):
+        chunk, real_chunk = index[..., start : start + M], real[..., start : start + M]  # B x K' x c
+        rows = chunk.unsqueeze(-1).expand(B, K, -1, D)  # B x K x c x D
+        k_chunk, v_chunk = k.gather(2, rows), v.gather(2, rows)
+        r_chunk = remaining.gather(-1, chunk)
+        mask = _block_soft_mask(r_chunk, M, ramp)  # B x K' x M x c
+        probs = (
+            torch.matmul(q, k_chunk.transpose(-1, -2)).float().add_(mask.log()).sub_(lse).exp_()
+        )  # B K M c
+        grad_scores = torch.matmul(grad, v_chunk.transpose(-1, -2)).float().sub_(delta).mul_(probs)
+        grad_chunk = _ramp_gradient(grad_scores.sum(1, keepdim=True) if shared else grad_scores, mask, ramp)
+        grad_remaining.scatter_add_(-1, chunk, torch.where(real_chunk, grad_chunk, 0.0))
+    return grad_remaining
 
 
 @functools.lru_cache(maxsize=8)
@@ -460,7 +773,7 @@ def _select_rows(source: Tensor, index: Tensor) -> Tensor:
 def update_memory(
     memory: LayerMemory,
     block: Tensor,
-    keys: Projection,
+    projected: Projection,
     rule: SpanRule,
     span_limit: Optional[float] = None,
     cache_projection: bool = False,
@@ -469,13 +782,13 @@ def update_memory(
     shift distances by M.
 
     The block itself is always kept (it is the next block's "previous block"). So a layer never holds more than
-    L + R - 1 entries. ``keys`` is the projection of [memory ; block] the attention used; with
+    L + R - 1 entries. ``projected`` is the projection of [memory ; block] the attention used; with
     ``cache_projection`` (evaluation) the surviving part is kept so the next block need not recompute it.
     """
     B, M, _ = block.shape
     N = len(memory)
     next_distance = memory.distance + M  # B x N
-    spans = keys.spans[:, :N] if rule.learned else None
+    spans = projected.spans[:, :N] if rule.learned else None
     keep = memory.valid & alive(spans, next_distance, rule, span_limit)
 
     # one row selection over [memory ; block]: slot s < kept takes the stream's (s+1)-th surviving entry
@@ -488,7 +801,9 @@ def update_memory(
 
     projection = hidden = None
     if cache_projection:  # the hidden states are only needed to project them again
-        projection = Projection(*(select(x.detach()) if x is not None else None for x in vars(keys).values()))
+        projection = Projection(
+            *(select(x.detach()) if x is not None else None for x in vars(projected).values())
+        )
     else:
         hidden = select(torch.cat([memory.hidden, block.detach()], dim=1))
     block_distance = _block_distances(M, block.device).add(M).expand(B, -1)
