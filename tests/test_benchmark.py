@@ -1,4 +1,5 @@
-"""scripts/benchmark.py runs end to end on the tiny configuration and reports every figure it promises."""
+"""scripts/benchmark.py (fairseq_expire/benchmark.py) runs end to end on the tiny configuration and reports every
+figure it promises."""
 
 import json
 
@@ -71,10 +72,11 @@ def test_benchmark_puts_the_fused_training_attention_beside_the_plain_one(tmp_pa
     result = run(
         "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, "--models", "expire_span_lm",
         "--modes", "train", "--no-follow", "--attention-kernels", "plain", "fused", "--batches", 2, "--warmup", 1,
-        "--json", out,
+        "--streams", 3, "--json", out,
     )  # fmt: skip
     plain, fused = json.loads(out.read_text())
     assert (plain["attention_kernel"], fused["attention_kernel"]) == ("plain", "fused")
+    assert plain["streams"] == fused["streams"] == 3  # --streams overrides the configuration's batch
     assert fused["plain"]["peak_memory_mb"] == plain["peak_memory_mb"] and fused["tokens_per_s"] > 0
     assert "| vs plain (peak mem) |" in result.stdout and "| predicted MB/layer |" in result.stdout
     assert "memory model at the paper's enwik8 batch per GPU" in result.stdout and "fused" in result.stdout
