@@ -39,6 +39,18 @@ def read_in_pieces(model, tokens, prompt):
     return model.decoder.output_layer(torch.cat(features, dim=1)), state
 
 
+def steps_equal_blocks(model, prompt: int) -> DecodingState:
+    """Two streams of 48 tokens read token by token after a prompt of ``prompt`` tokens give the log-probs of
+    block processing (blocks of 8), to 1e-5 (fp32; the two paths use different attention kernels)."""
+    torch.manual_seed(1)
+    tokens = torch.randint(4, 12, (2, 48))
+    with torch.no_grad():
+        blocks = log_probs(model, run_stream(model, tokens, block=8))
+    steps, state = read_in_pieces(model, tokens, prompt)
+    torch.testing.assert_close(log_probs(model, steps), blocks, atol=1e-5, rtol=0)
+    return state
+
+
 CASES = {
     "expire_span": dict(learned=True, layers=2),
     "expire_span_pre_norm": dict(learned=True, layers=2, decoder_normalize_before=True),
@@ -50,15 +62,8 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("prompt", [0, 5, 16, 21])
 def test_token_by_token_log_probs_equal_block_processing(case, prompt):
-    """Tolerance 1e-5 on log-probabilities (fp32; the two paths use different attention kernels)."""
     model = varied_spans(make_model(block=8, ramp=4, **{"max_span": 32, **CASES[case]})).eval()
-    torch.manual_seed(1)
-    tokens = torch.randint(4, 12, (2, 48))
-    with torch.no_grad():
-        blocks = log_probs(model, run_stream(model, tokens, block=8))
-    steps, state = read_in_pieces(model, tokens, prompt)
-    torch.testing.assert_close(log_probs(model, steps), blocks, atol=1e-5, rtol=0)
-    assert state.length == 48
+    assert steps_equal_blocks(model, prompt).length == 48
 
 
 @pytest.mark.parametrize("prompt", [0, 5, 16])
@@ -73,12 +78,7 @@ def test_adaptive_span_token_by_token_log_probs_equal_block_processing(prompt, i
         ramp=3,
         inference_max_span=inference_max_span,
     ).eval()
-    torch.manual_seed(1)
-    tokens = torch.randint(4, 12, (2, 48))
-    with torch.no_grad():
-        blocks = log_probs(model, run_stream(model, tokens, block=8))
-    steps, state = read_in_pieces(model, tokens, prompt)
-    torch.testing.assert_close(log_probs(model, steps), blocks, atol=1e-5, rtol=0)
+    state = steps_equal_blocks(model, prompt)
     assert max(state.mem_per_layer()) <= 12.3 + 3  # the memory follows the largest head span
 
 
