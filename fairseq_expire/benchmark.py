@@ -463,7 +463,11 @@ def markdown(rows) -> str:
             AUTHORS_TRAIN_TOKENS_PER_S.get((r["model"], r["max_span"])) if r["mode"] == "train" else None
         )
         versus = f"{r['tokens_per_s'] / authors:.2f}x" if authors and r["config"] == "cpu_small" else ""
-        predicted = f"{predicted_row_mb(r, {**CONFIGS[r['config']], 'batch': r['streams']}):.1f}" if r["mode"] == "train" else ""
+        predicted = (
+            f"{predicted_row_mb(r, {**CONFIGS[r['config']], 'batch': r['streams']}):.1f}"
+            if r["mode"] == "train"
+            else ""
+        )
         speedup = f"{r['cache_speedup']:.2f}x ({r['cache_bound']:.2f}x)" if "cache_speedup" in r else ""
         utilization = ""
         if "model_tflops" in r:
