@@ -211,7 +211,7 @@ def load_model(
     if not callable(getattr(model, "reset_memory", None)):
         raise AnalysisError(
             f"{checkpoint} holds a {type(model).__name__}, not a model with a memory: analyse an "
-            "expire_span_lm or fixed_span_lm checkpoint"
+            "expire_span_lm, fixed_span_lm, adaptive_span_lm or compressive_lm checkpoint"
         )
     if torch.cuda.is_available() and not cpu:
         model.cuda()

@@ -335,7 +335,8 @@ class LanguageModelingWithMemoryTask(FairseqTask):
         if not callable(getattr(ARCH_MODEL_REGISTRY.get(arch), "reset_memory", None)):
             raise UsageError(
                 f"--task {TASK} feeds consecutive blocks of the same streams and needs a model that carries "
-                f"memory across them (--arch expire_span_lm... or fixed_span_lm...), not --arch {arch}"
+                f"memory across them (--arch expire_span_lm, fixed_span_lm, adaptive_span_lm, compressive_lm or "
+                f"one of their presets), not --arch {arch}"
             )
         if not from_checkpoint:
             self._check_training_data()
