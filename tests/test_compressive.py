@@ -2,12 +2,14 @@
 averages, in which order, per stream and across blocks; a bounded memory that is all attended."""
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_expire_span import layer_options, make_dictionary, run_stream
 
+from fairseq_expire.analysis.runner import AnalysisError, LoadedModel
 from fairseq_expire.errors import UsageError
 from fairseq_expire.models.compressive_lm import CompressiveLanguageModel, CompressiveLMConfig
 from fairseq_expire.modules.compressive import compress_memory
@@ -97,3 +99,11 @@ def test_the_oldest_compressed_memory_reaches_the_output():
 def test_compressive_bad_values_are_refused_with_one_line(overrides, message):
     with pytest.raises(UsageError, match=message):
         make_compressive(**overrides)
+
+
+def test_the_analysis_refuses_to_cap_the_spans_of_a_compressive_memory():
+    """Capping would silently change nothing (or cap distances it does not have): one clear line instead."""
+    loaded = LoadedModel(make_compressive().eval(), None, None, Path("compressive.pt"), Path("."))
+    loaded.cap_spans(None)
+    with pytest.raises(AnalysisError, match="has no span to cap.*--caps none"):
+        loaded.cap_spans(16)

@@ -66,7 +66,7 @@ def evaluate_caps(
     loaded = load_model(checkpoint, data, cpu=cpu)
     tokens, results = loaded.split_tokens(split), []
     for cap in ordered_caps(caps):
-        loaded.model.decoder.inference_max_span = cap  # the evaluation option inference_max_span
+        loaded.cap_spans(cap)
         result = CapResult(cap, run_blocks(loaded, tokens, streams))
         logger.info(f"cap {cap_label(cap)}: {result.record()}")
         results.append(result)

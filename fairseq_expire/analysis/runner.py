@@ -162,6 +162,17 @@ class LoadedModel:
     def num_layers(self) -> int:
         return len(self.model.decoder.layers)
 
+    def cap_spans(self, cap: Optional[int]) -> None:
+        """Evaluate with every span capped at ``cap`` steps (the option inference_max_span; None: no cap)."""
+        if cap is not None and cap < 1:
+            raise AnalysisError(f"span cap {cap}: must be at least 1 step (leave it out: no cap)")
+        if cap is not None and not self.model.decoder.accepts_inference_max_span:
+            raise AnalysisError(
+                f"{self.checkpoint} holds a {type(self.model).__name__}, which has no span to cap: its memory is "
+                "set by --mem-size, --cmem-size and --compression-rate. Evaluate it without caps (--caps none)"
+            )
+        self.model.decoder.inference_max_span = cap
+
     def split_tokens(self, split: str, offset: int = 0, length: Optional[int] = None) -> Tensor:
         """Tokens ``[offset, offset + length)`` of a binarized split of the data directory (N)."""
         try:
@@ -192,7 +203,7 @@ def load_model(
             f"checkpoint {checkpoint} not found: pass the .pt file fairseq-train wrote (its --save-dir, "
             "e.g. checkpoints/checkpoint_best.pt); `python scripts/demo.py` trains a small one"
         )
-    overrides = {"inference_max_span": inference_max_span}
+    overrides = {}
     if data is not None:
         if not (Path(data) / "dict.txt").is_file():
             raise AnalysisError(
@@ -221,7 +232,9 @@ def load_model(
         f"loaded {checkpoint}: {len(model.decoder.layers)} layers, L = {model.decoder.rule.max_span}, "
         f"M = {model.decoder.block_size}, inference cap {inference_max_span}"
     )
-    return LoadedModel(model, task, vocabulary_of(data_dir, task.dictionary), checkpoint, data_dir)
+    loaded = LoadedModel(model, task, vocabulary_of(data_dir, task.dictionary), checkpoint, data_dir)
+    loaded.cap_spans(inference_max_span)
+    return loaded
 
 
 @dataclass

@@ -46,6 +46,8 @@ def reach(cfg) -> int:
 class CompressiveDecoder(ExpireSpanDecoder):
     """The shared decoder with a compressive memory: a fixed-span mask that sees every entry kept."""
 
+    accepts_inference_max_span = False  # no span to cap: what is kept is set by n_mem, n_cmem and c
+
     def __init__(self, cfg, dictionary, learned_spans: bool = False):
         super().__init__(cfg, dictionary, learned_spans)
         self.memory_sizes = (cfg.mem_size, cfg.cmem_size, cfg.compression_rate)  # n_mem, n_cmem, c

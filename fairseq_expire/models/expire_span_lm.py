@@ -261,6 +261,8 @@ class ExpireSpanDecoder(FairseqIncrementalDecoder):
     :class:`DecodingState` instead (fairseq's ``incremental_state``).
     """
 
+    accepts_inference_max_span = True  # the evaluation option inference_max_span caps its spans
+
     def __init__(self, cfg, dictionary, learned_spans: bool):
         super().__init__(dictionary)
         H = cfg.decoder_embed_dim
