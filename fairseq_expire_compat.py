@@ -12,6 +12,7 @@ process of the environment (pip included).
 """
 
 import dataclasses
+import functools
 import glob
 import importlib.abc
 import importlib.machinery
@@ -35,6 +36,28 @@ class UsageError(ValueError):
     """
 
 
+def _replaces(module, name: str):
+    """Decorator: ``module.name`` becomes ``fix(original, *args, **kwargs)``, once. Each replacement carries the
+    marks of the layers below it (``functools.wraps``), so applying the fixes again (``install()`` twice, a module
+    fixed by two fixes) adds no layer."""
+
+    def apply(fix):
+        original = getattr(module, name)
+        mark = f"_fairseq_expire_{fix.__name__}"
+        if getattr(original, mark, False):
+            return original
+
+        @functools.wraps(original)
+        def replacement(*args, **kwargs):
+            return fix(original, *args, **kwargs)
+
+        setattr(replacement, mark, True)
+        setattr(module, name, replacement)
+        return replacement
+
+    return apply
+
+
 # --- Python >= 3.11: dataclass instances as field defaults ---------------------------------------------------------
 # fairseq's configs declare ``common: CommonConfig = CommonConfig()``. Python 3.11 rejects every unhashable default
 # (bpo-44674); 3.10 only rejected list, dict and set. We restore the 3.10 rule for defaults that are dataclass
@@ -42,11 +65,8 @@ class UsageError(ValueError):
 
 
 def _allow_dataclass_instance_defaults():
-    original = dataclasses._get_field
-    if getattr(original, "_fairseq_expire_compat", False):
-        return
-
-    def _get_field(cls, a_name, *args, **kwargs):
+    @_replaces(dataclasses, "_get_field")
+    def get_field_allowing_dataclass_defaults(original, cls, a_name, *args, **kwargs):
         default = cls.__dict__.get(a_name, dataclasses.MISSING)
         if isinstance(default, dataclasses.Field):
             default = default.default
@@ -58,9 +78,6 @@ def _allow_dataclass_instance_defaults():
             return original(cls, a_name, *args, **kwargs)
         finally:
             default_cls.__hash__ = None
-
-    _get_field._fairseq_expire_compat = True
-    dataclasses._get_field = _get_field
 
 
 # --- torch >= 2.6: torch.load(weights_only=True) by default ---------------------------------------------------------
@@ -207,11 +224,8 @@ def _fix_checkpoint_utils(module):
 
 
 def _name_the_task_a_model_does_not_fit(module):
-    original = module.convert_namespace_to_omegaconf
-    if getattr(original, "_fairseq_expire_compat", False):
-        return
-
-    def convert_namespace_to_omegaconf(args):
+    @_replaces(module, "convert_namespace_to_omegaconf")
+    def convert_namespace_naming_the_task(original, args):
         try:
             return original(args)
         except Exception as error:
@@ -223,9 +237,6 @@ def _name_the_task_a_model_does_not_fit(module):
                 f"which --task {getattr(args, 'task', None)} does not have: the model is not made for this task "
                 "(pick an --arch of the task's own models)"
             ) from error
-
-    convert_namespace_to_omegaconf._fairseq_expire_compat = True
-    module.convert_namespace_to_omegaconf = convert_namespace_to_omegaconf
 
 
 # --- console scripts: usage errors as one line ------------------------------------------------------------------
@@ -247,11 +258,8 @@ def usage_error_in(error: BaseException):
 
 
 def _one_line_usage_errors(module):
-    original = module.cli_main
-    if getattr(original, "_fairseq_expire_compat", False):
-        return
-
-    def cli_main(*args, **kwargs):
+    @_replaces(module, "cli_main")
+    def cli_main_with_one_line_usage_errors(original, *args, **kwargs):
         try:
             return original(*args, **kwargs)
         except Exception as error:
@@ -264,20 +272,14 @@ def _one_line_usage_errors(module):
             sys.stderr.flush()
             os._exit(1)
 
-    cli_main._fairseq_expire_compat = True
-    module.cli_main = cli_main
-
 
 # --- --user-dir pointing nowhere ---------------------------------------------------------------------------------------
 # fairseq raises a bare ``FileNotFoundError: /abs/path`` from deep inside its argument parsing.
 
 
 def _explain_missing_user_dir(module):
-    original = module.import_user_module
-    if getattr(original, "_fairseq_expire_compat", False):
-        return
-
-    def import_user_module(args):
+    @_replaces(module, "import_user_module")
+    def import_user_module_naming_a_missing_dir(original, args):
         user_dir = getattr(args, "user_dir", None)
         try:
             return original(args)
@@ -287,9 +289,6 @@ def _explain_missing_user_dir(module):
                 "Pass the path of the plugin package directory, e.g. `--user-dir fairseq_expire` from the "
                 "repository root or `--user-dir /path/to/fairseq-expire/fairseq_expire`."
             ) from error
-
-    import_user_module._fairseq_expire_compat = True
-    module.import_user_module = import_user_module
 
 
 # --- torch >= 2.4: process groups left alive at exit ---------------------------------------------------------------
@@ -321,11 +320,8 @@ def _fix_distributed_utils(module):
 
 
 def _stop_at_max_update(module):
-    original = module.train
-    if getattr(original, "_fairseq_expire_compat", False):
-        return
-
-    def train(cfg, trainer, task, epoch_itr):
+    @_replaces(module, "train")
+    def train_unless_at_max_update(original, cfg, trainer, task, epoch_itr):
         max_update = cfg.optimization.max_update
         if max_update and trainer.get_num_updates() >= max_update:
             logging.getLogger("fairseq_cli.train").info(
@@ -333,9 +329,6 @@ def _stop_at_max_update(module):
             )
             return [None], True
         return original(cfg, trainer, task, epoch_itr)
-
-    train._fairseq_expire_compat = True
-    module.train = train
 
 
 # --- the card's short command: fairseq-train DATA --user-dir fairseq_expire --arch expire_span_lm -------------------
@@ -346,11 +339,8 @@ def _stop_at_max_update(module):
 
 
 def _complete_plugin_training_commands(module):
-    if getattr(module, "_fairseq_expire_completes_commands", False):
-        return
-    original = module.cli_main
-
-    def cli_main(*args, **kwargs):
+    @_replaces(module, "cli_main")
+    def cli_main_completing_plugin_commands(original, *args, **kwargs):
         import argparse  # here, not at start-up: this module is imported by every Python process
 
         parser = argparse.ArgumentParser(
@@ -367,9 +357,6 @@ def _complete_plugin_training_commands(module):
 
                 sys.argv[1:] = complete_training_command(sys.argv[1:])
         return original(*args, **kwargs)
-
-    module.cli_main = cli_main
-    module._fairseq_expire_completes_commands = True
 
 
 # --- --bf16 implies --tpu; --fp16 and --amp without CUDA; eval-lm ignores --bf16 ---------------------------------
@@ -419,11 +406,8 @@ def _check_reduced_precision(args) -> None:
 
 
 def _bf16_without_tpu(module):
-    original = module.parse_args_and_arch
-    if getattr(original, "_fairseq_expire_compat", False):
-        return
-
-    def parse_args_and_arch(parser, input_args=None, *args, **kwargs):
+    @_replaces(module, "parse_args_and_arch")
+    def parse_args_and_arch_bf16_without_tpu(original, parser, input_args=None, *args, **kwargs):
         parsed = original(parser, input_args, *args, **kwargs)
         result = parsed[0] if isinstance(parsed, tuple) else parsed
         if getattr(result, "bf16", False) and not _tpu_on_command_line(input_args):
@@ -432,14 +416,9 @@ def _bf16_without_tpu(module):
             _check_reduced_precision(result)
         return parsed
 
-    parse_args_and_arch._fairseq_expire_compat = True
-    module.parse_args_and_arch = parse_args_and_arch
-
 
 def _eval_lm_in_bf16(module):
-    main, eval_lm = module.main, module.eval_lm
-    if getattr(main, "_fairseq_expire_compat", False):
-        return
+    eval_lm = module.eval_lm
 
     def eval_lm_converting_to_bf16(models, *args, **kwargs):
         import torch
@@ -448,7 +427,8 @@ def _eval_lm_in_bf16(module):
             model.to(dtype=torch.bfloat16)
         return eval_lm(models, *args, **kwargs)
 
-    def main_in_bf16(cfg, **kwargs):
+    @_replaces(module, "main")
+    def main_in_bf16(main, cfg, **kwargs):
         if not (cfg.common.bf16 and not cfg.common.tpu):
             return main(cfg, **kwargs)
         module.eval_lm = eval_lm_converting_to_bf16  # main calls it with the loaded models on their device
@@ -456,9 +436,6 @@ def _eval_lm_in_bf16(module):
             return main(cfg, **kwargs)
         finally:
             module.eval_lm = eval_lm
-
-    main_in_bf16._fairseq_expire_compat = True
-    module.main = main_in_bf16
 
 
 def _fix_eval_lm(module):

@@ -11,8 +11,8 @@ stream leaves in it), then ``--warmup`` blocks are not timed. For each expire-sp
 L = its measured mean span S (at least the block M) shows whether cost follows the memory kept. Generation
 (``--modes generate``, one stream): tokens read one at a time from the prefilled memory, each through the output
 layer, timed per token ("ms/batch" is then ms per token); for expire-span also "generate-recompute", the way
-without incremental decoding: the whole unfinished block run again for every new token. Prints a Markdown table,
-with the ratio to the authors' implementation where the issue gives its figure, and writes JSON.
+without incremental decoding: the whole unfinished block run again for every new token. Prints a Markdown table
+and writes JSON (the README compares the figures with the authors' implementation).
 
 ``--attention-kernels plain fused`` measures each row through both training attentions (``--attention-kernel``),
 side by side: the fused row gives its tokens/s and peak memory as ratios to the plain row, and every row the bytes
@@ -46,6 +46,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Optional
 
+from fairseq_expire.cli import script_parser
+
 CONFIGS = {
     # The issue's CPU comparison point: 4 layers, 256 wide, 4 heads, block 256, batch 8, R = 64, p = 0.1.
     "cpu_small": dict(layers=4, width=256, ffn=1024, heads=4, block=256, batch=8, ramp=64, init=0.1),
@@ -56,15 +58,6 @@ CONFIGS = {
 
 # Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
-
-# The authors' implementation (facebookresearch/transformer-sequential) on cpu_small, training tokens/s on this
-# project's 2-core CPU machine, as measured for the efficiency issue: (model, L) -> tokens/s.
-AUTHORS_TRAIN_TOKENS_PER_S = {
-    ("expire_span_lm", 1024): 2896,
-    ("expire_span_lm", 4096): 2168,
-    ("expire_span_lm", 16384): 535,
-    ("fixed_span_lm", 1024): 1202,
-}
 
 
 def prefill(decoder, batch_size: int, init_percentage: float, like) -> None:
@@ -447,22 +440,18 @@ def markdown(rows) -> str:
     """One line per row; a bf16 row also gives its tokens/s and peak memory over the fp32 row measured with it, a
     fused-kernel row over the plain-kernel row."""
     lines = [
-        "| model | mode | L | dtype | kernel | tokens/s | vs authors | vs fp32 (peak mem) | vs plain (peak mem) "
+        "| model | mode | L | dtype | kernel | tokens/s | vs fp32 (peak mem) | vs plain (peak mem) "
         "| ms/batch | peak MB | predicted MB/layer | span avg | memory/layer | cache speed-up (bound) "
         "| model TFLOP/s (MFU) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kernel = r["attention_kernel"] if r["mode"] == "train" else ""
         head = f"| {r['model']} | {r['mode']} | {r['max_span']} | {r['dtype']} | {kernel} |"
         if r.get("out_of_memory"):
-            lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | | | | | |")
+            lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | | | | |")
             continue
         memory = sum(r["mem_per_layer"]) / len(r["mem_per_layer"])
-        authors = (
-            AUTHORS_TRAIN_TOKENS_PER_S.get((r["model"], r["max_span"])) if r["mode"] == "train" else None
-        )
-        versus = f"{r['tokens_per_s'] / authors:.2f}x" if authors and r["config"] == "cpu_small" else ""
         predicted = (
             f"{predicted_row_mb(r, {**CONFIGS[r['config']], 'batch': r['streams']}):.1f}"
             if r["mode"] == "train"
@@ -473,7 +462,7 @@ def markdown(rows) -> str:
         if "model_tflops" in r:
             utilization = f"{r['model_tflops']:.0f}" + (f" ({100 * r['mfu']:.0f}%)" if r["mfu"] else "")
         lines.append(
-            f"{head} {r['tokens_per_s']:.0f} | {versus} | {_ratios(r, r.get('fp32'))} | {_ratios(r, r.get('plain'))} "
+            f"{head} {r['tokens_per_s']:.0f} | {_ratios(r, r.get('fp32'))} | {_ratios(r, r.get('plain'))} "
             f"| {r['batch_time_ms']:.0f} | {r['peak_memory_mb']:.0f} | {predicted} | {r['span_avg']:.0f} "
             f"| {memory:.0f} | {speedup} | {utilization} |"
         )
@@ -481,9 +470,7 @@ def markdown(rows) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser("benchmark.py", __doc__)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu_small")
     parser.add_argument("--streams", type=int, help="streams per batch B (default: the configuration's)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384], help="max spans L")
@@ -518,12 +505,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         help="each row in each, side by side",
     )
     parser.add_argument(
-        "--attention-kernels",
-        nargs="+",
-        choices=["fused", "plain"],
-        default=["fused"],
+        "--attention-kernels", nargs="+", choices=["fused", "plain"], default=["fused"],
         help="each row through each training attention (--attention-kernel), side by side",
-    )
+    )  # fmt: skip
     parser.add_argument(
         "--peak-tflops", type=float, help="the GPU's peak for the MFU column (default: by name)"
     )

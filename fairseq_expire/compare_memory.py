@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from fairseq_expire.cli import script_parser
 from fairseq_expire.demo import BIN, LICENSES, PLUGIN, Record, corpus_files, train
 from fairseq_expire.errors import UsageError
 
@@ -96,9 +97,7 @@ def markdown(rows) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="compare_memory.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser("compare_memory.py", __doc__)
     parser.add_argument("--work", type=Path, default=Path("compare"), help="where data and checkpoints go")
     parser.add_argument("--corpus", type=Path, default=LICENSES, help="a directory of plain text files")
     parser.add_argument(

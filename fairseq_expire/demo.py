@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from fairseq_expire.cli import script_parser
 from fairseq_expire.errors import UsageError
 
 LICENSES = Path("/usr/share/common-licenses")
@@ -228,9 +229,7 @@ def meaning(expire: dict, fixed: dict, capped: dict, updates: int) -> List[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="make demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser("make demo", __doc__)
     parser.add_argument(
         "--work", type=Path, default=Path("demo"), help="where data, checkpoints and the record go"
     )

@@ -6,43 +6,37 @@ the expiring memory (at most L + R entries per layer however long it runs), and 
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor
 
+from fairseq_expire.cli import add_config_options, config_from, option, script_parser
 from fairseq_expire.errors import UsageError, exit_on_usage_error
 from fairseq_expire.models.expire_span_lm import DecodingState
 
 
 @dataclass
 class GenerateConfig:
-    checkpoint: Path = field(
-        default=None,
-        metadata={"help": "a checkpoint of fairseq-train (.pt)", "required": True, "metavar": "PT"},
+    checkpoint: Path = option(None, "a checkpoint of fairseq-train (.pt)", required=True, metavar="PT")
+    data: Optional[Path] = option(
+        None, "its data directory, for dict.txt and prepare.json (default: the checkpoint's)"
     )
-    data: Optional[Path] = field(
-        default=None,
-        metadata={"help": "its data directory, for dict.txt and prepare.json (default: the checkpoint's)"},
+    prompt: Optional[str] = option(None, "the text to continue")
+    prompt_file: Optional[Path] = option(None, "a UTF-8 file with the text to continue")
+    max_tokens: int = option(1000, "how many tokens to generate")
+    seed: int = option(1, "random seed of the sampling")
+    sampling_topk: int = option(0, "sample among the k most likely tokens (0: all)")
+    sampling_topp: float = option(
+        1.0, "sample among the fewest most likely tokens whose probability reaches p (1: all)"
     )
-    prompt: Optional[str] = field(default=None, metadata={"help": "the text to continue"})
-    prompt_file: Optional[Path] = field(
-        default=None, metadata={"help": "a UTF-8 file with the text to continue"}
+    temperature: float = option(1.0, "divide the log-probabilities by this")
+    inference_max_span: Optional[int] = option(
+        None, "cap every span at this many steps (less memory; paper Figure 10)"
     )
-    max_tokens: int = field(default=1000, metadata={"help": "how many tokens to generate"})
-    seed: int = field(default=1, metadata={"help": "random seed of the sampling"})
-    sampling_topk: int = field(default=0, metadata={"help": "sample among the k most likely tokens (0: all)"})
-    sampling_topp: float = field(
-        default=1.0,
-        metadata={"help": "sample among the fewest most likely tokens whose probability reaches p (1: all)"},
-    )
-    temperature: float = field(default=1.0, metadata={"help": "divide the log-probabilities by this"})
-    inference_max_span: Optional[int] = field(
-        default=None, metadata={"help": "cap every span at this many steps (less memory; paper Figure 10)"}
-    )
-    cpu: bool = field(default=False, metadata={"help": "run on the CPU even if there is a GPU"})
+    cpu: bool = option(False, "run on the CPU even if there is a GPU")
 
 
 def check_config(config: GenerateConfig) -> None:
@@ -123,10 +117,9 @@ def generate(model, prompt: Tensor, config: GenerateConfig, on_token: Callable[[
 
 
 def cli_main(argv: Optional[List[str]] = None) -> None:
-    from fairseq_expire.prepare.cli import build_parser
-
-    parser = build_parser(GenerateConfig, "generate.py", __doc__)
-    config = GenerateConfig(**vars(parser.parse_args(argv)))
+    parser = script_parser("generate.py", __doc__)
+    add_config_options(parser, GenerateConfig)
+    config = config_from(parser.parse_args(argv), GenerateConfig)
     exit_on_usage_error(parser.prog, lambda: _generate_to_stdout(config))
 
 

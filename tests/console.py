@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,20 +19,27 @@ def run(
 ) -> subprocess.CompletedProcess:
     """``script`` (fairseq-train, fairseq-eval-lm, fairseq-preprocess...) from the installed environment, with
     ``input`` on its standard input."""
-    result = subprocess.run(
-        [str(BIN / script), *map(str, args)],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=input,
-    )
+    command = [str(BIN / script), *map(str, args)]
+    options = dict(cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout, input=input)
+    result = subprocess.run(command, **options)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{script} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         )
     return result
+
+
+def eval_lm(data, checkpoint, *args, check: bool = True) -> subprocess.CompletedProcess:
+    """The real fairseq-eval-lm with this plugin's task: ``checkpoint`` scores the valid split on the CPU."""
+    return run(
+        "fairseq-eval-lm", data, "--user-dir", "fairseq_expire", "--task", "language_modeling_with_memory",
+        "--path", checkpoint, "--gen-subset", "valid", "--cpu", *args, check=check,
+    )  # fmt: skip
+
+
+def eval_lm_bits(output: str) -> float:
+    """The mean loss in bits per token that fairseq-eval-lm prints."""
+    return float(re.search(r"Loss \(base 2\): ([\d.]+)", output).group(1))
 
 
 def json_logs(output: str, tag: str) -> list:
@@ -52,6 +60,13 @@ def repeating_text(length: int, period: int, repeats: int = 4, seed: int = 0) ->
     while len(text) < length:
         text += "".join(rng.choice("abcdefghijklmnop") for _ in range(period)) * repeats
     return text[:length]
+
+
+def random_letters_data_bin(directory: Path) -> Path:
+    """Random letters (no repeats, so every stream has its own loss): ~3000 train and ~800 valid tokens."""
+    rng = random.Random(0)
+    text = "".join(rng.choice("abcdefghijklmnop") for _ in range(3800))
+    return make_data_bin(directory, text[:3000], text[3000:], line_length=97)
 
 
 def make_data_bin(directory: Path, train: str, valid: str, line_length: int = 100) -> Path:

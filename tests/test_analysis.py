@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from console import repeating_text, run, train_command
+from console import eval_lm, eval_lm_bits, repeating_text, run, train_command
 
 from fairseq_expire.analysis.runner import (
     AnalysisError,
@@ -129,12 +129,8 @@ def trained(tmp_path_factory):
 def test_block_runner_losses_are_fairseq_eval_lm_loss(trained, cap, streams):
     checkpoint, data, _ = trained
     overrides = ("--model-overrides", f"{{'inference_max_span': {cap}}}") if cap else ()
-    result = run(
-        "fairseq-eval-lm", data, "--user-dir", "fairseq_expire", "--task", "language_modeling_with_memory",
-        "--path", checkpoint, "--gen-subset", "valid", "--tokens-per-sample", BLOCK, "--batch-size", streams,
-        "--cpu", *overrides,
-    )  # fmt: skip
-    reported = float(re.search(r"Loss \(base 2\): ([\d.]+)", result.stdout + result.stderr).group(1))
+    result = eval_lm(data, checkpoint, "--tokens-per-sample", BLOCK, "--batch-size", streams, *overrides)
+    reported = eval_lm_bits(result.stdout + result.stderr)
     loaded = load_model(checkpoint, inference_max_span=cap, cpu=True)
     block_run = run_blocks(loaded, loaded.split_tokens("valid"), streams)
     assert int(block_run.scored.sum()) == 3000 - streams  # every token but each stream's first

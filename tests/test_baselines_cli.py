@@ -3,13 +3,12 @@ criterion and memory figures as expire_span_lm, bounded memory, every token scor
 
 import json
 import math
-import random
 import re
 from pathlib import Path
 
 import pytest
-from console import REPO, json_logs, make_data_bin, run, train_command
-from test_task_cli import BLOCK, direct_loss, eval_lm, split_tokens
+from console import REPO, eval_lm_bits, json_logs, random_letters_data_bin, run, train_command
+from test_task_cli import BLOCK, direct_loss, eval_lm_blocks, split_tokens
 
 from fairseq_expire.launch.fairseq_args import (
     grid_point_args,
@@ -32,9 +31,7 @@ BASELINES = {
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
-    rng = random.Random(0)
-    text = "".join(rng.choice("abcdefghijklmnop") for _ in range(3800))
-    return make_data_bin(tmp_path_factory.mktemp("baselines"), text[:3000], text[3000:], line_length=97)
+    return random_letters_data_bin(tmp_path_factory.mktemp("baselines"))
 
 
 @pytest.mark.parametrize("arch", sorted(BASELINES))
@@ -64,10 +61,10 @@ def test_trains_logs_the_memory_figures_and_eval_lm_scores_every_token_once(data
 
     streams = 3
     checkpoint = tmp_path / "checkpoint_last.pt"
-    evaluation = eval_lm(data_bin, checkpoint, "--batch-size", streams)
+    evaluation = eval_lm_blocks(data_bin, checkpoint, "--batch-size", streams)
     output = evaluation.stdout + evaluation.stderr
     evaluated = int(re.search(r"Evaluated ([\d,]+) tokens", output).group(1).replace(",", ""))
-    loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", output).group(1))
+    loss = eval_lm_bits(output)
     assert evaluated == len(split_tokens(data_bin, "valid")) - streams
     expected_loss, count = direct_loss(checkpoint, data_bin, streams)
     assert count == evaluated

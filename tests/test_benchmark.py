@@ -9,19 +9,17 @@ from console import run
 pytestmark = pytest.mark.slow
 
 
-def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
+def benchmark(tmp_path, *args):
+    """scripts/benchmark.py on the tiny configuration at L = 64: its output and its JSON rows."""
     out = tmp_path / "bench.json"
-    result = run(
-        "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64,
-        "--batches", 2, "--warmup", 1, "--json", out,
-    )  # fmt: skip
-    rows = json.loads(out.read_text())
+    result = run("python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, *args, "--json", out)
+    return result, json.loads(out.read_text())
+
+
+def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
+    result, rows = benchmark(tmp_path, "--batches", 2, "--warmup", 1)
     kinds = {(r["model"], r["mode"]) for r in rows}
-    assert {
-        ("expire_span_lm", "train"),
-        ("expire_span_lm", "eval+cache"),
-        ("expire_span_lm", "eval"),
-    } <= kinds
+    assert {("expire_span_lm", mode) for mode in ("train", "eval+cache", "eval")} <= kinds
     assert ("fixed_span_lm", "train") in kinds
     # the paper's Table 4 rows, at the same L (the compressive memory has no evaluation cache)
     assert {("adaptive_span_lm", "train"), ("adaptive_span_lm", "eval+cache")} <= kinds
@@ -35,30 +33,24 @@ def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
 
 
 def test_benchmark_puts_bf16_beside_fp32(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run(
-        "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, "--models", "expire_span_lm",
-        "--modes", "train", "--no-follow", "--dtypes", "fp32", "bf16", "--batches", 2, "--warmup", 1, "--json", out,
+    result, (fp32, bf16) = benchmark(
+        tmp_path, "--models", "expire_span_lm", "--modes", "train", "--no-follow", "--dtypes", "fp32", "bf16",
+        "--batches", 2, "--warmup", 1,
     )  # fmt: skip
-    fp32, bf16 = json.loads(out.read_text())
     assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
     assert bf16["fp32"]["tokens_per_s"] == fp32["tokens_per_s"] and bf16["tokens_per_s"] > 0
     assert "| vs fp32 (peak mem) |" in result.stdout and "| bf16 |" in result.stdout
 
 
 def test_benchmark_reports_generated_tokens_per_second_against_fixed_span_and_recompute(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run(
-        "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, "--modes", "generate",
-        "--generate-tokens", 20, "--warmup", 2, "--json", out,
-    )  # fmt: skip
-    rows = json.loads(out.read_text())
+    result, rows = benchmark(tmp_path, "--modes", "generate", "--generate-tokens", 20, "--warmup", 2)
     kinds = {(r["model"], r["mode"]) for r in rows}
-    assert {
+    expected = [
         ("expire_span_lm", "generate"),
         ("expire_span_lm", "generate-recompute"),
         ("fixed_span_lm", "generate"),
-    } <= kinds
+    ]
+    assert set(expected) <= kinds
     followed = [r for r in rows if r["model"] == "fixed_span_lm" and r["max_span"] < 64]
     assert followed and followed[0]["mode"] == "generate"  # L = S, the learned mean span (>= M)
     for row in rows:
@@ -68,13 +60,10 @@ def test_benchmark_reports_generated_tokens_per_second_against_fixed_span_and_re
 
 
 def test_benchmark_puts_the_fused_training_attention_beside_the_plain_one(tmp_path):
-    out = tmp_path / "bench.json"
-    result = run(
-        "python", "scripts/benchmark.py", "--config", "tiny", "--lengths", 64, "--models", "expire_span_lm",
-        "--modes", "train", "--no-follow", "--attention-kernels", "plain", "fused", "--batches", 2, "--warmup", 1,
-        "--streams", 3, "--json", out,
+    result, (plain, fused) = benchmark(
+        tmp_path, "--models", "expire_span_lm", "--modes", "train", "--no-follow", "--attention-kernels",
+        "plain", "fused", "--batches", 2, "--warmup", 1, "--streams", 3,
     )  # fmt: skip
-    plain, fused = json.loads(out.read_text())
     assert (plain["attention_kernel"], fused["attention_kernel"]) == ("plain", "fused")
     assert plain["streams"] == fused["streams"] == 3  # --streams overrides the configuration's batch
     assert fused["plain"]["peak_memory_mb"] == plain["peak_memory_mb"] and fused["tokens_per_s"] > 0

@@ -24,7 +24,14 @@ def test_install_is_idempotent():
     fairseq_expire_compat.install()
     fixers = [f for f in sys.meta_path if isinstance(f, fairseq_expire_compat._PostImportFixer)]
     assert len(fixers) == 1
-    assert dataclasses._get_field._fairseq_expire_compat
+    import fairseq_cli.train
+
+    fairseq_expire_compat._fix_train(fairseq_cli.train)  # again: no layer is added
+    layers, cli_main = 0, fairseq_cli.train.cli_main
+    while hasattr(cli_main, "__wrapped__"):
+        layers, cli_main = layers + 1, cli_main.__wrapped__
+    assert layers == 2  # the command completion, inside the one-line usage errors
+    assert dataclasses._get_field._fairseq_expire_get_field_allowing_dataclass_defaults
 
 
 def test_dataclass_instance_defaults_are_allowed_as_on_python_3_10():

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from console import make_data_bin, repeating_text, run, train_command
+from console import eval_lm, eval_lm_bits, make_data_bin, repeating_text, run, train_command
 from fairseq.data import Dictionary
 
 from fairseq_expire.analysis.runner import vocabulary_of
@@ -72,12 +72,8 @@ def test_token_by_token_log_probs_equal_eval_lm(trained):
     """fairseq-eval-lm reads the valid split as one stream in blocks; reading it token by token gives the same
     mean loss (eval-lm prints 4 decimals; per token the two agree to 1e-5, tests/test_generation.py)."""
     data, checkpoint = trained
-    result = run(
-        "fairseq-eval-lm", data, "--user-dir", "fairseq_expire", "--task", "language_modeling_with_memory",
-        "--path", checkpoint / "checkpoint_best.pt", "--batch-size", 1, "--tokens-per-sample", 16,
-        "--gen-subset", "valid", "--cpu",
-    )  # fmt: skip
-    eval_lm = float(re.search(r"Loss \(base 2\): ([0-9.]+)", result.stdout + result.stderr).group(1))
+    result = eval_lm(data, checkpoint / "checkpoint_best.pt", "--batch-size", 1, "--tokens-per-sample", 16)
+    eval_lm_loss = eval_lm_bits(result.stdout + result.stderr)
     hub = ExpireSpanLanguageModel.from_pretrained(checkpoint)  # the data directory recorded in the checkpoint
     model = hub.models[0]
     hub.task.load_dataset("valid")
@@ -92,7 +88,7 @@ def test_token_by_token_log_probs_equal_eval_lm(trained):
             )
             nll.append(-float(log_probs[0, 0, tokens[i + 1]]))
             assert state.mem_per_layer().max() <= 32 + 8  # L + R
-    assert sum(nll) / len(nll) / math.log(2) == pytest.approx(eval_lm, abs=1e-4)
+    assert sum(nll) / len(nll) / math.log(2) == pytest.approx(eval_lm_loss, abs=1e-4)
 
 
 def test_generate_script_streams_text_and_reports_speed_and_memory(trained):

@@ -4,11 +4,10 @@ fp32 whatever the model's dtype, and one-line refusals of fp16 and amp where fai
 import argparse
 import copy
 import logging
-import re
 
 import pytest
 import torch
-from console import json_logs, make_data_bin, repeating_text, run, train_command
+from console import eval_lm, eval_lm_bits, json_logs, make_data_bin, repeating_text, run, train_command
 from test_expire_span import make_model
 
 import fairseq_expire_compat as compat
@@ -176,16 +175,12 @@ def data_bin(tmp_path_factory):
     return make_data_bin(root / "data", repeating_text(8000, 24), repeating_text(1600, 24, seed=1))
 
 
-def eval_lm(data, checkpoint, *extra, check=True):
-    return run(
-        "fairseq-eval-lm", data, "--user-dir", "fairseq_expire", "--task", "language_modeling_with_memory",
-        "--path", checkpoint, "--tokens-per-sample", 16, "--batch-size", 4, "--gen-subset", "valid", "--cpu",
-        *extra, check=check,
-    )  # fmt: skip
+def eval_lm_blocks(data, checkpoint, *extra, check=True):
+    return eval_lm(data, checkpoint, "--tokens-per-sample", 16, "--batch-size", 4, *extra, check=check)
 
 
 def eval_loss(result) -> float:
-    return float(re.search(r"Loss \(base 2\): ([0-9.]+)", result.stdout + result.stderr).group(1))
+    return eval_lm_bits(result.stdout + result.stderr)
 
 
 @pytest.mark.slow
@@ -206,8 +201,8 @@ def test_bf16_fairseq_train_and_eval_lm_reach_the_fp32_loss(data_bin, tmp_path):
         assert losses[name] == pytest.approx(losses["fp32"], abs=VALID_LOSS_MARGIN), losses
         assert losses[name] != losses["fp32"]  # it did compute in bf16
     checkpoint = tmp_path / "bf16" / "checkpoint_last.pt"
-    in_fp32, in_bf16 = eval_loss(eval_lm(data_bin, checkpoint)), eval_loss(
-        eval_lm(data_bin, checkpoint, "--bf16")
+    in_fp32, in_bf16 = eval_loss(eval_lm_blocks(data_bin, checkpoint)), eval_loss(
+        eval_lm_blocks(data_bin, checkpoint, "--bf16")
     )
     assert in_bf16 == pytest.approx(in_fp32, abs=VALID_LOSS_MARGIN)
 
@@ -217,7 +212,7 @@ def test_bf16_fairseq_train_and_eval_lm_reach_the_fp32_loss(data_bin, tmp_path):
 def test_fp16_and_amp_on_cpu_stop_in_one_line_naming_bf16(data_bin, tmp_path, flag):
     for result in (
         run("fairseq-train", *train_command(data_bin, tmp_path, flag), check=False),
-        eval_lm(data_bin, tmp_path / "checkpoint_last.pt", flag, check=False),
+        eval_lm_blocks(data_bin, tmp_path / "checkpoint_last.pt", flag, check=False),
     ):
         assert result.returncode == 1
         assert result.stderr.strip().splitlines()[-1].startswith("error: --")

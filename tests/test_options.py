@@ -1,10 +1,8 @@
 """Command-line options as fairseq-train parses them: presets fill only what was not typed, and every value the
 model, task or criterion cannot use is refused with its valid range before anything heavy is built."""
 
-import random
-
 import pytest
-from console import REPO, make_data_bin
+from console import REPO, random_letters_data_bin
 from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
@@ -14,9 +12,7 @@ from fairseq_expire.errors import UsageError
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
-    rng = random.Random(0)
-    text = "".join(rng.choice("abcdefghijklmnop") for _ in range(3800))
-    return make_data_bin(tmp_path_factory.mktemp("options"), text[:3000], text[3000:], line_length=97)
+    return random_letters_data_bin(tmp_path_factory.mktemp("options"))
 
 
 def parsed(data, arch, *extra):

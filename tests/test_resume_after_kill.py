@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from console import BIN, ENV, REPO, json_logs, make_data_bin, run, train_command
+from console import BIN, ENV, REPO, json_logs, random_letters_data_bin, run, train_command
 
 import fairseq_expire_compat
 
@@ -18,9 +18,7 @@ UPDATES = 30
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
-    rng = random.Random(0)
-    text = "".join(rng.choice("abcdefghijklmnop") for _ in range(3800))
-    return make_data_bin(tmp_path_factory.mktemp("kills"), text[:3000], text[3000:], line_length=97)
+    return random_letters_data_bin(tmp_path_factory.mktemp("kills"))
 
 
 def saved_updates(path) -> int:

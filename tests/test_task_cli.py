@@ -8,7 +8,15 @@ from collections import defaultdict
 
 import pytest
 import torch
-from console import json_logs, make_data_bin, run, train_command
+from console import (
+    eval_lm,
+    eval_lm_bits,
+    json_logs,
+    make_data_bin,
+    random_letters_data_bin,
+    run,
+    train_command,
+)
 from fairseq import checkpoint_utils
 from fairseq.data import Dictionary, indexed_dataset
 
@@ -22,10 +30,7 @@ BLOCK = 16
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
-    """Random letters (no repeats, so every stream has its own loss): ~3000 train and ~800 valid tokens."""
-    rng = random.Random(0)
-    text = "".join(rng.choice("abcdefghijklmnop") for _ in range(3800))
-    return make_data_bin(tmp_path_factory.mktemp("task_cli"), text[:3000], text[3000:], line_length=97)
+    return random_letters_data_bin(tmp_path_factory.mktemp("task_cli"))
 
 
 @pytest.fixture(scope="module")
@@ -35,24 +40,8 @@ def checkpoint(data_bin, tmp_path_factory):
     return save_dir / "checkpoint_last.pt"
 
 
-def eval_lm(data, checkpoint, *extra, check=True):
-    return run(
-        "fairseq-eval-lm",
-        data,
-        "--user-dir",
-        "fairseq_expire",
-        "--task",
-        "language_modeling_with_memory",
-        "--path",
-        checkpoint,
-        "--tokens-per-sample",
-        BLOCK,
-        "--gen-subset",
-        "valid",
-        "--cpu",
-        *extra,
-        check=check,
-    )
+def eval_lm_blocks(data, checkpoint, *extra, check=True):
+    return eval_lm(data, checkpoint, "--tokens-per-sample", BLOCK, *extra, check=check)
 
 
 def split_tokens(data, split) -> torch.Tensor:
@@ -81,11 +70,11 @@ def direct_loss(checkpoint, data, streams: int):
 
 def test_eval_lm_scores_every_token_but_each_streams_first_as_the_model_does(data_bin, checkpoint):
     streams = 3
-    result = eval_lm(data_bin, checkpoint, "--batch-size", streams, "--output-word-probs")
+    result = eval_lm_blocks(data_bin, checkpoint, "--batch-size", streams, "--output-word-probs")
     output = result.stdout + result.stderr
     tokens = split_tokens(data_bin, "valid")
     evaluated = int(re.search(r"Evaluated ([\d,]+) tokens", output).group(1).replace(",", ""))
-    loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", output).group(1))
+    loss = eval_lm_bits(output)
     assert evaluated == len(tokens) - streams
 
     expected_loss, count = direct_loss(checkpoint, data_bin, streams)
@@ -104,12 +93,12 @@ def test_eval_lm_scores_every_token_but_each_streams_first_as_the_model_does(dat
 
 
 def test_eval_lm_refuses_a_context_window_and_another_dictionary(data_bin, checkpoint, tmp_path):
-    result = eval_lm(data_bin, checkpoint, "--batch-size", 2, "--context-window", 8, check=False)
+    result = eval_lm_blocks(data_bin, checkpoint, "--batch-size", 2, "--context-window", 8, check=False)
     assert result.returncode != 0
     assert "--context-window does not apply" in result.stderr.strip().splitlines()[-1]
 
     other = make_data_bin(tmp_path / "other", "qrstuvwxyz" * 300, "qrstuvwxyz" * 80)
-    result = eval_lm(other, checkpoint, "--batch-size", 2, check=False)
+    result = eval_lm_blocks(other, checkpoint, "--batch-size", 2, check=False)
     assert result.returncode != 0
     assert "trained with a different dictionary" in result.stderr.strip().splitlines()[-1]
 
@@ -276,7 +265,7 @@ def test_weights_never_go_onto_another_dictionary_or_block_length(data_bin, chec
         result = run("fairseq-train", *train_command(shuffled, save_dir, *extra, updates=12), check=False)
         assert "trained with a different dictionary" in refusal(result)
     assert "trained with a different dictionary" in refusal(
-        eval_lm(shuffled, checkpoint, "--batch-size", 2, check=False)
+        eval_lm_blocks(shuffled, checkpoint, "--batch-size", 2, check=False)
     )
 
     resumed = tmp_path / "resumed"
@@ -293,12 +282,14 @@ def test_eval_lm_refuses_another_block_length_and_unreadable_checkpoints_by_name
     data_bin, checkpoint, tmp_path
 ):
     for _ in range(3):  # it used to abort (SIGABRT) in about one run of six
-        result = eval_lm(data_bin, checkpoint, "--batch-size", 2, "--tokens-per-sample", 8, check=False)
+        result = eval_lm_blocks(
+            data_bin, checkpoint, "--batch-size", 2, "--tokens-per-sample", 8, check=False
+        )
         assert "use --tokens-per-sample 16" in refusal(result)
     empty, noise = tmp_path / "empty.pt", tmp_path / "noise.pt"
     empty.write_bytes(b"")
     noise.write_bytes(random.Random(0).randbytes(5000))
     for path in (empty, noise):
         assert f"{path} is not a readable checkpoint" in refusal(
-            eval_lm(data_bin, path, "--batch-size", 2, check=False)
+            eval_lm_blocks(data_bin, path, "--batch-size", 2, check=False)
         )

@@ -3,7 +3,6 @@
 import pickle
 import random
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -339,7 +338,7 @@ def test_resume_with_another_layout_is_explained(data_bin, change, named):
 def test_resume_with_stream_offsets_drawn_from_another_seed_is_refused(data_bin):
     task = loaded_task(data_bin, "train", stream_offset=True)
     starts = {
-        seed: task.get_batch_iterator(task.dataset("train"), 3, seed=seed).dataset.layout.start
+        seed: task.get_batch_iterator(task.dataset("train"), max_sentences=3, seed=seed).dataset.layout.start
         for seed in (1, 2, 3)
     }
     other_seed = next(seed for seed in (2, 3) if starts[seed] != starts[1])

@@ -1,11 +1,10 @@
 """The model, task and criterion through the real fairseq-train / fairseq-eval-lm console scripts."""
 
 import math
-import re
 
 import pytest
 import torch
-from console import json_logs, make_data_bin, repeating_text, run, train_command
+from console import eval_lm, eval_lm_bits, json_logs, make_data_bin, repeating_text, run, train_command
 from fairseq import options
 
 import fairseq_expire  # noqa: F401  (registers the models)
@@ -81,17 +80,10 @@ def test_the_short_command_trains_to_a_checkpoint_that_eval_lm_scores(repeating_
         and "--task language_modeling_with_memory --criterion expire_span_cross_entropy" in chosen[0]
     )
     assert "--optimizer adam --lr 7e-4" in chosen[0] and "--batch-size 512" not in chosen[0]
-    scored = run(
-        "fairseq-eval-lm",
-        repeating_data,
-        "--user-dir",
-        "fairseq_expire",
-        "--task",
-        "language_modeling_with_memory",
-        *("--path", tmp_path / "checkpoint_best.pt", "--gen-subset", "valid", "--tokens-per-sample", 16),
-        *("--batch-size", 1, "--cpu"),
+    scored = eval_lm(
+        repeating_data, tmp_path / "checkpoint_best.pt", "--tokens-per-sample", 16, "--batch-size", 1
     )
-    bits = float(re.search(r"Loss \(base 2\): ([\d.]+)", scored.stdout + scored.stderr).group(1))
+    bits = eval_lm_bits(scored.stdout + scored.stderr)
     assert 0 < bits < 8
 
 
@@ -249,22 +241,8 @@ def test_checkpoint_evaluates_with_eval_lm_and_resumes(repeating_data, tmp_path)
     run("fairseq-train", *train_command(repeating_data, save, updates=10))
     checkpoint = torch.load(save / "checkpoint_last.pt", weights_only=False)
     assert checkpoint["cfg"]["model"]["_name"] == "expire_span_lm_tiny"
-    result = run(
-        "fairseq-eval-lm",
-        repeating_data,
-        "--user-dir",
-        "fairseq_expire",
-        "--task",
-        "language_modeling_with_memory",
-        "--path",
-        save / "checkpoint_last.pt",
-        "--batch-size",
-        2,
-        "--tokens-per-sample",
-        16,
-        "--gen-subset",
-        "valid",
-        "--cpu",
+    result = eval_lm(
+        repeating_data, save / "checkpoint_last.pt", "--batch-size", 2, "--tokens-per-sample", 16
     )
     assert "Loss (base 2)" in result.stdout + result.stderr
     resumed = run("fairseq-train", *train_command(repeating_data, save, updates=15))

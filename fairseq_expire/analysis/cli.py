@@ -23,6 +23,7 @@ from fairseq_expire.analysis.spans import (
     spans_html,
     spans_png,
 )
+from fairseq_expire.cli import script_parser
 
 
 def cap_argument(text: str):
@@ -37,9 +38,7 @@ def one_line(text: str) -> str:
 
 
 def memory_curve_main(description: str, argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="memory_curve.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser("memory_curve.py", description)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint of fairseq-train")
     parser.add_argument("--data", type=Path, help="its data directory (default: the one in the checkpoint)")
     parser.add_argument("--split", default="test", help="the binarized split to score")
@@ -98,11 +97,7 @@ def memory_curve_main(description: str, argv: Optional[List[str]] = None) -> Non
 
 
 def visualize_spans_main(description: str, argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="visualize_spans.py",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("visualize_spans.py", description)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint of fairseq-train")
     parser.add_argument("--data", type=Path, help="its data directory (default: the one in the checkpoint)")
     source = parser.add_mutually_exclusive_group(required=True)

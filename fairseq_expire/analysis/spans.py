@@ -173,13 +173,10 @@ def _legend_html(max_span: int, change: bool) -> str:
 
 
 STYLE = """
-body { font-family: sans-serif; margin: 1.5em; }
-.layer { display: flex; margin-bottom: 0.8em; }
-.label { flex: 0 0 7em; font-size: 0.9em; }
-.tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.6; }
-.t { padding: 1px 0; }
+body { font-family: sans-serif; margin: 1.5em; } pre.text { white-space: pre-wrap; background: #f6f6f6; padding: 0.8em; }
+.layer { display: flex; margin-bottom: 0.8em; } .label { flex: 0 0 7em; font-size: 0.9em; }
+.tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.6; } .t { padding: 1px 0; }
 .swatch { padding: 1px 4px; font-family: monospace; }
-pre.text { white-space: pre-wrap; background: #f6f6f6; padding: 0.8em; }
 """
 
 

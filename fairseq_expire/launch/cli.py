@@ -9,6 +9,7 @@ import datetime
 import sys
 from pathlib import Path
 
+from fairseq_expire.cli import script_parser
 from fairseq_expire.errors import exit_on_usage_error
 from fairseq_expire.launch import LaunchError
 from fairseq_expire.launch.executors import add_resource_arguments, make_executor, resources_from
@@ -42,18 +43,19 @@ def split_at_dashes(argv):
     return argv[:index], argv[index + 1 :]
 
 
-def launch_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="launch.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [launcher options] -- DATA [fairseq-train arguments]",
-    )  # fmt: skip
+def add_job_arguments(parser: argparse.ArgumentParser, save_dir_help: str) -> None:
+    """What every submission takes: the resources, where it saves, and its rendezvous port."""
     add_resource_arguments(parser)
+    parser.add_argument("--save-dir", help=save_dir_help)
     parser.add_argument(
-        "--save-dir", help="checkpoints go here (default checkpoints/NAME); logs in SAVE_DIR/logs"
+        "--master-port", type=int, help="port of each job's rank-0 rendezvous (default: from the job id)"
     )
-    parser.add_argument(
-        "--master-port", type=int, help="port of the rank-0 rendezvous (default: from the job id)"
-    )
+
+
+def launch_parser(description: str) -> argparse.ArgumentParser:
+    usage = "%(prog)s [launcher options] -- DATA [fairseq-train arguments]"
+    parser = script_parser("launch.py", description, usage=usage)
+    add_job_arguments(parser, "checkpoints go here (default checkpoints/NAME); logs in SAVE_DIR/logs")
     parser.add_argument(
         "--wait", action="store_true", help="wait for the run to end (always with local and debug)"
     )
@@ -110,10 +112,8 @@ COMMANDS = ("submit", "status", "collect")
 
 
 def submit_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sweep.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="%(prog)s [submit] --grid GRID.yaml | --grid KEY=V1,V2 ... [options] [-- DATA fairseq-train args]",
-    )  # fmt: skip
+    usage = "%(prog)s [submit] --grid GRID.yaml | --grid KEY=V1,V2 ... [options] [-- DATA fairseq-train args]"
+    parser = script_parser("sweep.py", description, usage=usage)
     parser.add_argument(
         "--grid",
         nargs="+",
@@ -121,22 +121,15 @@ def submit_parser(description: str) -> argparse.ArgumentParser:
         metavar="GRID",
         help="a YAML grid file, or fairseq-train options with values: lr=1e-3,3e-3 max-span=64",
     )
-    add_resource_arguments(parser)
-    parser.add_argument(
-        "--save-dir", help="the sweep's directory (default checkpoints/<grid file name or NAME>)"
-    )
+    add_job_arguments(parser, "the sweep's directory (default checkpoints/<grid file name or NAME>)")
     parser.add_argument(
         "--array-parallelism", type=int, help="at most this many jobs of the array run at once"
     )
-    parser.add_argument(
-        "--master-port", type=int, help="port of each job's rank-0 rendezvous (default: job id)"
-    )
-    return parser  # fmt: skip
+    return parser
 
 
 def results_parser(command: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"sweep.py {command}", description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = script_parser(f"sweep.py {command}", description)
     parser.add_argument("save_dir", help="the sweep's directory (holding sweep.json)")
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     parser.add_argument("--output", help="also write the table to this file")

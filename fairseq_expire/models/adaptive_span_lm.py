@@ -17,8 +17,6 @@ from fairseq_expire.models.expire_span_lm import (
     FixedSpanLMConfig,
     _set_defaults,
     attention_kernel,
-    check_model_options,
-    check_option_rules,
     enwik8_layers,
     tiny_layers,
 )
@@ -41,13 +39,10 @@ class AdaptiveSpanDecoder(ExpireSpanDecoder):
         return SpanRule(cfg.max_span, cfg.adaptive_span_ramp, learned=True)
 
     def build_attention(self, cfg) -> AdaptiveSpanAttention:
+        H, K, dropout = cfg.decoder_embed_dim, cfg.decoder_attention_heads, cfg.attention_dropout
+        kernel = attention_kernel(cfg)
         return AdaptiveSpanAttention(
-            cfg.decoder_embed_dim,
-            cfg.decoder_attention_heads,
-            self.rule,
-            cfg.attention_dropout,
-            cfg.adaptive_span_init,
-            kernel=attention_kernel(cfg),
+            H, K, self.rule, cfg.adaptive_span_init, attention_dropout=dropout, kernel=kernel
         )
 
     def head_spans(self) -> torch.Tensor:
@@ -71,17 +66,10 @@ class AdaptiveSpanLanguageModel(FixedSpanLanguageModel):
 
     learned_spans = True
     decoder_class = AdaptiveSpanDecoder
-
-    @classmethod
-    def check_options(cls, cfg) -> None:
-        check_model_options(cfg, learned_spans=False)  # the shared options; no Expire-Span ones
-        check_option_rules(
-            cfg,
-            {
-                "adaptive_span_ramp": AT_LEAST_ONE,
-                "adaptive_span_init": ("in [0, 1] (a fraction of --max-span)", lambda v: 0 <= v <= 1),
-            },
-        )
+    option_rules = {
+        "adaptive_span_ramp": AT_LEAST_ONE,
+        "adaptive_span_init": ("in [0, 1] (a fraction of --max-span)", lambda v: 0 <= v <= 1),
+    }
 
 
 @register_model_architecture("adaptive_span_lm", "adaptive_span_lm_enwik8")

@@ -17,8 +17,6 @@ from fairseq_expire.models.expire_span_lm import (
     FixedSpanLanguageModel,
     MemoryLMConfig,
     _set_defaults,
-    check_model_options,
-    check_option_rules,
     enwik8_layers,
     tiny_layers,
 )
@@ -72,12 +70,11 @@ class CompressiveLanguageModel(FixedSpanLanguageModel):
     """Compressive Transformer: the last n_mem positions plus n_cmem means of c older ones."""
 
     decoder_class = CompressiveDecoder
+    option_rules = {"compression_rate": AT_LEAST_ONE, "cmem_size": ("an integer >= 0", lambda v: v >= 0)}
 
     @classmethod
     def check_options(cls, cfg) -> None:
-        check_model_options(cfg, learned_spans=False)
-        at_least_zero = ("an integer >= 0", lambda v: v >= 0)
-        check_option_rules(cfg, {"compression_rate": AT_LEAST_ONE, "cmem_size": at_least_zero})
+        super().check_options(cfg)
         M, c = cfg.tokens_per_sample, cfg.compression_rate
         if cfg.mem_size < M:
             raise UsageError(

@@ -135,10 +135,10 @@ def check_option_rules(cfg, rules: dict) -> None:
             raise UsageError(f"{_option(name)} {value}: must be {allowed}")
 
 
-def check_model_options(cfg, learned_spans: bool) -> None:
-    """Refuse option values the model cannot train or evaluate with, before anything is built: one line each,
-    with the valid range (a ramp of 0 gives NaN gradients, a negative one inverts the mask, p = 0 or 1 has no
-    logit...). Models without ``--max-span`` (their memory is sized otherwise) get the shared checks only."""
+def check_model_options(cfg) -> None:
+    """Refuse option values that no model of this plugin can train or evaluate with, before anything is built: one
+    line each, with the valid range. Models without ``--max-span`` (their memory is sized otherwise) get the
+    shared checks only; each model's own options are its class's ``option_rules``."""
     rules = {
         "decoder_layers": AT_LEAST_ONE,
         "decoder_embed_dim": AT_LEAST_ONE,
@@ -152,15 +152,6 @@ def check_model_options(cfg, learned_spans: bool) -> None:
     spans = hasattr(cfg, "max_span")
     if spans:
         rules["max_span"] = AT_LEAST_ONE
-    if learned_spans:
-        rules.update(
-            expire_span_ramp=AT_LEAST_ONE,
-            expire_span_init_percentage=(
-                "strictly between 0 and 1 (spans start at p * L)",
-                lambda v: 0 < v < 1,
-            ),
-            expire_span_pre_div=("> 0", lambda v: v > 0),
-        )
     check_option_rules(cfg, rules)
     if spans and cfg.inference_max_span is not None and cfg.inference_max_span < 1:
         raise UsageError(
@@ -530,11 +521,13 @@ class FixedSpanLanguageModel(FairseqLanguageModel):
 
     learned_spans = False
     decoder_class = ExpireSpanDecoder
+    option_rules: dict = {}  # the model's own options, checked after the shared ones: {option: (allowed, ok)}
 
     @classmethod
     def check_options(cls, cfg) -> None:
         """Stop with one line on an option value the model cannot be built or trained with."""
-        check_model_options(cfg, cls.learned_spans)
+        check_model_options(cfg)
+        check_option_rules(cfg, cls.option_rules)
 
     @classmethod
     def add_args(cls, parser):
@@ -590,6 +583,16 @@ class ExpireSpanLanguageModel(FixedSpanLanguageModel):
     """Expire-Span: every memory gets a learned span ``e = L * sigmoid(w . h + b)`` and is deleted after it."""
 
     learned_spans = True
+    option_rules = (
+        {  # a ramp of 0 gives NaN gradients, a negative one inverts the mask, p = 0 or 1 has no logit
+            "expire_span_ramp": AT_LEAST_ONE,
+            "expire_span_init_percentage": (
+                "strictly between 0 and 1 (spans start at p * L)",
+                lambda v: 0 < v < 1,
+            ),
+            "expire_span_pre_div": ("> 0", lambda v: v > 0),
+        }
+    )
 
 
 # Named presets: each fills in what the command line left unset (the command itself is checked by

@@ -43,19 +43,10 @@ class AdaptiveSpanAttention(ExpireSpanAttention):
     """:class:`ExpireSpanAttention` with a mask per head from :class:`HeadSpans` and no Expire-Span loss (the
     L1 loss on ``z`` is the decoder's)."""
 
-    def __init__(
-        self,
-        hidden_size: int,
-        num_heads: int,
-        rule: SpanRule,
-        attention_dropout: float,
-        init_fraction,
-        kernel: str = "fused",
-    ):
+    def __init__(self, hidden_size: int, num_heads: int, rule: SpanRule, init_fraction: float, **options):
+        """``init_fraction``: every head's initial span z / L; ``options``: the attention's dropout and kernel."""
         # built as a fixed-span attention (no span predictor), then given the per-head spans
-        super().__init__(
-            hidden_size, num_heads, dataclasses.replace(rule, learned=False), attention_dropout, kernel=kernel
-        )
+        super().__init__(hidden_size, num_heads, dataclasses.replace(rule, learned=False), **options)
         self.rule = rule
         self.span_predictor = HeadSpans(num_heads, rule.max_span, init_fraction)
 

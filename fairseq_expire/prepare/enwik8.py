@@ -14,12 +14,14 @@ The zip is read as a stream (a few MB in memory) and checked against the publish
 import hashlib
 import logging
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from fairseq_expire.cli import list_option, option
+
 from .download import fetch
-from .output import SPLITS, DataDirectory, PrepareError
+from .output import SPLITS, DataDirectory, PrepareError, force_option
 from .vocab import NEWLINE, NEWLINE_MODES, ByteVocabulary
 
 logger = logging.getLogger(__name__)
@@ -38,50 +40,32 @@ CHUNK_BYTES = 1 << 22
 
 @dataclass
 class Enwik8Config:
-    out: Path = field(default=Path("data-bin/enwik8"), metadata={"help": "the data directory to write"})
-    zip: Optional[Path] = field(
-        default=None,
-        metadata={"help": "a local enwik8.zip to use instead of downloading one", "metavar": "PATH"},
+    out: Path = option(Path("data-bin/enwik8"), "the data directory to write")
+    zip: Optional[Path] = option(None, "a local enwik8.zip to use instead of downloading one", metavar="PATH")
+    download_dir: Path = option(Path("data-bin/downloads"), "where the downloaded enwik8.zip is kept")
+    urls: List[str] = list_option(
+        lambda: list(URLS), "mirrors of enwik8.zip, tried in turn (http(s), file:// or a path)", metavar="URL"
     )
-    download_dir: Path = field(
-        default=Path("data-bin/downloads"), metadata={"help": "where the downloaded enwik8.zip is kept"}
+    md5: str = option(
+        MD5,
+        "expected MD5 of the enwik8 member (the published one; change it only "
+        "for another file on purpose)",
     )
-    urls: List[str] = field(
-        default_factory=lambda: list(URLS),
-        metadata={
-            "help": "mirrors of enwik8.zip, tried in turn (http(s), file:// or a path)",
-            "metavar": "URL",
-        },
+    newlines: str = option(
+        "drop",
+        "drop: remove newline bytes (the paper's numbers); eos: each newline is the token </s> "
+        "(fairseq's adaptive-span recipe)",
+        choices=NEWLINE_MODES,
     )
-    md5: str = field(
-        default=MD5,
-        metadata={
-            "help": "expected MD5 of the enwik8 member (the published one; change it only "
-            "for another file on purpose)"
-        },
+    valid_bytes: Optional[int] = option(
+        None,
+        "bytes of the valid split, taken before the test split (default: 5% of "
+        "the file, 5,000,000 for enwik8)",
     )
-    newlines: str = field(
-        default="drop",
-        metadata={
-            "help": "drop: remove newline bytes (the paper's numbers); eos: each newline is the token </s> "
-            "(fairseq's adaptive-span recipe)",
-            "choices": NEWLINE_MODES,
-        },
+    test_bytes: Optional[int] = option(
+        None, "bytes of the test split, the end of the file (default: 5% of the file)"
     )
-    valid_bytes: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "bytes of the valid split, taken before the test split (default: 5% of "
-            "the file, 5,000,000 for enwik8)"
-        },
-    )
-    test_bytes: Optional[int] = field(
-        default=None,
-        metadata={"help": "bytes of the test split, the end of the file (default: 5% of the file)"},
-    )
-    force: bool = field(
-        default=False, metadata={"help": "prepare again even if --out already holds finished data"}
-    )
+    force: bool = force_option()
 
 
 def split_bounds(

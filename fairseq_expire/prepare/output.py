@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from fairseq.data import Dictionary, indexed_dataset
 
+from fairseq_expire.cli import option
 from fairseq_expire.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,11 @@ ITEM_TOKENS = 2048
 
 class PrepareError(UsageError):
     """Input or output that cannot give a correct data directory; the message names the problem and the fix."""
+
+
+def force_option():
+    """Every preparer's ``--force``; what it replaces is :class:`DataDirectory`'s rule."""
+    return option(False, "prepare again even if --out already holds finished data")
 
 
 def file_md5(path: Path, chunk_bytes: int = 1 << 20) -> str:

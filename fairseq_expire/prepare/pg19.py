@@ -21,15 +21,24 @@ import multiprocessing
 import os
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from fairseq_expire.cli import option
+
 from .download import DownloadError, as_url, fetch, open_url, url_to_path
-from .output import SPLITS, DataDirectory, PrepareError
-from .vocab import CODE_POINTS, NEWLINE_MODES, CharVocabulary, count_characters, unknown_report
+from .output import SPLITS, DataDirectory, PrepareError, force_option
+from .vocab import (
+    CODE_POINTS,
+    ENCODING_ERRORS,
+    NEWLINE_MODES,
+    CharVocabulary,
+    count_characters,
+    unknown_report,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,44 +50,30 @@ PROGRESS_BOOKS = 2000  # log progress every this many books
 
 @dataclass
 class Pg19Config:
-    out: Path = field(default=Path("data-bin/pg19"), metadata={"help": "the data directory to write"})
-    source: str = field(
-        default=BUCKET,
-        metadata={
-            "help": "the PG-19 bucket: gs://deepmind-gutenberg, its https:// address, or a local copy "
-            "(directory or file:// URL with train/ validation/ test/)"
-        },
+    out: Path = option(Path("data-bin/pg19"), "the data directory to write")
+    source: str = option(
+        BUCKET,
+        "the PG-19 bucket: gs://deepmind-gutenberg, its https:// address, or a local copy "
+        "(directory or file:// URL with train/ validation/ test/)",
     )
-    download_dir: Path = field(
-        default=Path("data-bin/downloads/pg19"), metadata={"help": "where downloaded books are kept"}
+    download_dir: Path = option(Path("data-bin/downloads/pg19"), "where downloaded books are kept")
+    newlines: str = option(
+        "eos",
+        "eos: each newline is the token </s>; drop: remove newlines (glues the words of wrapped lines)",
+        choices=NEWLINE_MODES,
     )
-    newlines: str = field(
-        default="eos",
-        metadata={
-            "help": "eos: each newline is the token </s>; drop: remove newlines (glues the words of "
-            "wrapped lines)",
-            "choices": NEWLINE_MODES,
-        },
+    max_books: Optional[int] = option(
+        None, "use only the first N books (by book number) of each split, for a subset"
     )
-    max_books: Optional[int] = field(
-        default=None,
-        metadata={"help": "use only the first N books (by book number) of each split, for a subset"},
+    workers: int = option(min(8, os.cpu_count() or 1), "processes reading and encoding books")
+    download_threads: int = option(8, "books downloaded at once")
+    encoding_errors: str = option(
+        "strict",
+        "a book that is not valid UTF-8: strict stops with an error naming it, replace uses U+FFFD for the bad "
+        "bytes",
+        choices=ENCODING_ERRORS,
     )
-    workers: int = field(
-        default=min(8, os.cpu_count() or 1), metadata={"help": "processes reading and encoding books"}
-    )
-    download_threads: int = field(default=8, metadata={"help": "books downloaded at once"})
-    encoding_errors: str = field(
-        default="strict",
-        metadata={
-            "help": "a book that is not valid UTF-8: strict stops with an error naming it, replace uses "
-            "U+FFFD for the bad bytes",
-            "choices": ("strict", "replace"),
-        },
-    )
-    force: bool = field(
-        default=False, metadata={"help": "prepare again even if --out already holds finished data"}
-    )
+    force: bool = force_option()
 
 
 @dataclass

@@ -20,16 +20,19 @@ import codecs
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 from fairseq.data import Dictionary
 
-from .output import SPLITS, DataDirectory, PrepareError, SplitWriter
+from fairseq_expire.cli import list_option, option
+
+from .output import SPLITS, DataDirectory, PrepareError, SplitWriter, force_option
 from .vocab import (
     CODE_POINTS,
+    ENCODING_ERRORS,
     NEWLINE_MODES,
     PADDING_FACTOR,
     ByteVocabulary,
@@ -52,52 +55,30 @@ Segment = Tuple[Path, int, int]
 
 @dataclass
 class TextConfig:
-    out: Path = field(default=None, metadata={"help": "the data directory to write", "required": True})
-    input: List[Path] = field(
-        default_factory=list,
-        metadata={
-            "help": "text files, concatenated and split by --valid-fraction and --test-fraction",
-            "metavar": "FILE",
-        },
+    out: Path = option(None, "the data directory to write", required=True)
+    input: List[Path] = list_option(
+        list, "text files, concatenated and split by --valid-fraction and --test-fraction", metavar="FILE"
     )
-    train: List[Path] = field(
-        default_factory=list,
-        metadata={"help": "the train split's files (instead of --input)", "metavar": "FILE"},
+    train: List[Path] = list_option(list, "the train split's files (instead of --input)", metavar="FILE")
+    valid: List[Path] = list_option(list, "the valid split's files (with --train)", metavar="FILE")
+    test: List[Path] = list_option(list, "the test split's files (with --train)", metavar="FILE")
+    valid_fraction: float = option(0.05, "share of --input for valid")
+    test_fraction: float = option(0.05, "share of --input for test (its end)")
+    tokenizer: str = option(
+        "chars", "tokens are bytes, characters or sentencepiece pieces", choices=TOKENIZERS
     )
-    valid: List[Path] = field(
-        default_factory=list, metadata={"help": "the valid split's files (with --train)", "metavar": "FILE"}
+    spm_vocab_size: int = option(8000, "pieces of the sentencepiece model (spm)")
+    spm_model_type: str = option("unigram", "sentencepiece model type (spm)", choices=("unigram", "bpe"))
+    newlines: str = option(
+        "eos", "eos: each newline is the token </s>; drop: remove newlines", choices=NEWLINE_MODES
     )
-    test: List[Path] = field(
-        default_factory=list, metadata={"help": "the test split's files (with --train)", "metavar": "FILE"}
+    encoding_errors: str = option(
+        "strict",
+        "text that is not UTF-8 (chars, spm): strict stops with an error naming the file, replace reads bad "
+        "bytes as U+FFFD",
+        choices=ENCODING_ERRORS,
     )
-    valid_fraction: float = field(default=0.05, metadata={"help": "share of --input for valid"})
-    test_fraction: float = field(default=0.05, metadata={"help": "share of --input for test (its end)"})
-    tokenizer: str = field(
-        default="chars",
-        metadata={"help": "tokens are bytes, characters or sentencepiece pieces", "choices": TOKENIZERS},
-    )
-    spm_vocab_size: int = field(default=8000, metadata={"help": "pieces of the sentencepiece model (spm)"})
-    spm_model_type: str = field(
-        default="unigram", metadata={"help": "sentencepiece model type (spm)", "choices": ("unigram", "bpe")}
-    )
-    newlines: str = field(
-        default="eos",
-        metadata={
-            "help": "eos: each newline is the token </s>; drop: remove newlines",
-            "choices": NEWLINE_MODES,
-        },
-    )
-    encoding_errors: str = field(
-        default="strict",
-        metadata={
-            "help": "text that is not UTF-8 (chars, spm): strict stops with an error naming the file, "
-            "replace reads bad bytes as U+FFFD",
-            "choices": ("strict", "replace"),
-        },
-    )
-    force: bool = field(
-        default=False, metadata={"help": "prepare again even if --out already holds finished data"}
-    )
+    force: bool = force_option()
 
 
 def _file_sizes(paths: List[Path]) -> List[int]:

@@ -7,6 +7,7 @@ import numpy as np
 from fairseq.data import Dictionary
 
 NEWLINE_MODES = ("eos", "drop")
+ENCODING_ERRORS = ("strict", "replace")  # what to do with text that is not valid UTF-8
 NEWLINE = 0x0A
 # fairseq-preprocess pads the vocabulary to a multiple of 8 (tensor cores); so do we.
 PADDING_FACTOR = 8

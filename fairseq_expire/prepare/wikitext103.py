@@ -11,14 +11,16 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
 from fairseq.data import Dictionary
 
+from fairseq_expire.cli import list_option, option
+
 from .download import fetch
-from .output import SPLITS, DataDirectory, PrepareError, binarized_statistics, file_md5
+from .output import SPLITS, DataDirectory, PrepareError, binarized_statistics, file_md5, force_option
 
 logger = logging.getLogger(__name__)
 
@@ -33,24 +35,15 @@ MEMBERS = {split: f"wikitext-103/wiki.{split}.tokens" for split in SPLITS}
 
 @dataclass
 class Wikitext103Config:
-    out: Path = field(default=Path("data-bin/wikitext-103"), metadata={"help": "the data directory to write"})
-    zip: Optional[Path] = field(
-        default=None, metadata={"help": "a local wikitext-103-v1.zip to use instead of downloading one"}
+    out: Path = option(Path("data-bin/wikitext-103"), "the data directory to write")
+    zip: Optional[Path] = option(None, "a local wikitext-103-v1.zip to use instead of downloading one")
+    download_dir: Path = option(Path("data-bin/downloads"), "where the downloaded zip is kept")
+    urls: List[str] = list_option(
+        lambda: list(URLS), "mirrors of wikitext-103-v1.zip, tried in turn (http(s), file:// or a path)"
     )
-    download_dir: Path = field(
-        default=Path("data-bin/downloads"), metadata={"help": "where the downloaded zip is kept"}
-    )
-    urls: List[str] = field(
-        default_factory=lambda: list(URLS),
-        metadata={"help": "mirrors of wikitext-103-v1.zip, tried in turn (http(s), file:// or a path)"},
-    )
-    md5: str = field(default=MD5, metadata={"help": "expected MD5 of the zip"})
-    workers: int = field(
-        default=min(8, os.cpu_count() or 1), metadata={"help": "fairseq-preprocess --workers"}
-    )
-    force: bool = field(
-        default=False, metadata={"help": "prepare again even if --out already holds finished data"}
-    )
+    md5: str = option(MD5, "expected MD5 of the zip")
+    workers: int = option(min(8, os.cpu_count() or 1), "fairseq-preprocess --workers")
+    force: bool = force_option()
 
 
 def fairseq_preprocess() -> List[str]:

@@ -1,14 +1,14 @@
 """Command line of ``scripts/generate_synthetic.py``: one sub-command per task, and ``all``."""
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import List, Optional
 
+from fairseq_expire.cli import add_config_options, config_from
 from fairseq_expire.errors import exit_on_usage_error, setup_logging
 
-from .common import GENERATORS, SPLITS, check_sizes, data_directory, generate_dataset
+from .common import GENERATORS, SPLITS, generate_dataset
 
 DEFAULT_TOKENS = {"train": 1_000_000, "valid": 100_000, "test": 100_000}
 
@@ -62,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         add_common_options(sub, "the data-bin directory to write")
-        for option in dataclasses.fields(generator.config_class):
-            sub.add_argument(
-                f"--{option.name.replace('_', '-')}",
-                type=type(option.default),
-                default=option.default,
-                help=f"{option.metadata['help']} (default: %(default)s)",
-            )
+        add_config_options(sub, generator.config_class)
     everything = tasks.add_parser("all", help="every task with its default options, each into OUT/TASK")
     add_common_options(everything, "the directory that receives one data-bin directory per task")
     return parser
@@ -87,11 +81,9 @@ def generate(args: argparse.Namespace):
         tasks = [(GENERATORS[name](GENERATORS[name].config_class()), args.out / name) for name in GENERATORS]
     else:
         generator = GENERATORS[args.task]
-        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(generator.config_class)}
-        tasks = [(generator(generator.config_class(**options)), args.out)]
+        tasks = [(generator(config_from(args, generator.config_class)), args.out)]
     raw_text = not args.no_raw_text
     for task, out in tasks:  # refuse before writing anything
-        check_sizes(task, sizes)
-        data_directory(task, out, sizes, args.seed, raw_text, args.force).finished()
+        generate_dataset(task, out, sizes, args.seed, raw_text, args.force, check_only=True)
     for task, out in tasks:
         generate_dataset(task, out, sizes, args.seed, raw_text, args.force)

@@ -27,10 +27,12 @@ are unordered, a colour change always gives another colour, and the 8-token step
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, List, Tuple
 
 import numpy as np
+
+from fairseq_expire.cli import option
 
 from .common import CHUNK_TOKENS, Chunk, SyntheticDataError, SyntheticTask, register_generator
 
@@ -40,21 +42,16 @@ NORMALS_PER_DRAW = 4096
 
 @dataclass
 class CollisionEasyConfig:
-    grid_size: int = field(default=16, metadata={"help": "side of the square grid, in cells (paper: 16)"})
-    speed: float = field(default=0.5, metadata={"help": "standard deviation of each velocity component"})
+    grid_size: int = option(16, "side of the square grid, in cells (paper: 16)")
+    speed: float = option(0.5, "standard deviation of each velocity component")
 
 
 @dataclass
 class CollisionConfig(CollisionEasyConfig):
-    colours: int = field(
-        default=5, metadata={"help": f"number of particle colours (paper: 5, at most {len(COLOUR_NAMES)})"}
-    )
-    colour_change: float = field(
-        default=0.05, metadata={"help": "chance per step that a particle changes colour"}
-    )
-    last_collision_questions: float = field(
-        default=0.4,
-        metadata={"help": "share of questions about the colours of the latest collision (paper: 0.4)"},
+    colours: int = option(5, f"number of particle colours (paper: 5, at most {len(COLOUR_NAMES)})")
+    colour_change: float = option(0.05, "chance per step that a particle changes colour")
+    last_collision_questions: float = option(
+        0.4, "share of questions about the colours of the latest collision (paper: 0.4)"
     )
 
 

@@ -87,6 +87,13 @@ class SyntheticTask:
     def check(self):
         """Raise :class:`SyntheticDataError` naming the option to fix when the options cannot work."""
 
+    def check_range(self, low: str, high: str):
+        """Refuse a range of options ``low``..``high`` (lengths, gaps) that is empty or starts below 1."""
+        a, b = getattr(self.config, low), getattr(self.config, high)
+        if not 1 <= a <= b:
+            options = [f"--{name.replace('_', '-')}" for name in (low, high)]
+            raise SyntheticDataError(f"need 1 <= {options[0]} <= {options[1]}, got {a} and {b}")
+
     def symbols(self) -> List[str]:
         raise NotImplementedError
 
@@ -238,24 +245,6 @@ def check_sizes(task: SyntheticTask, sizes: Dict[str, int]):
             )
 
 
-def data_directory(
-    task: SyntheticTask,
-    out: Path,
-    sizes: Dict[str, int],
-    seed: int,
-    raw_text: bool = True,
-    force: bool = False,
-) -> DataDirectory:
-    """The output of one generation; its recipe is everything that decides the bytes, option by option."""
-    recipe = {
-        **dataclasses.asdict(task.config),
-        **{f"{split}_tokens": size for split, size in sizes.items()},
-        "seed": seed,
-        "raw_text": raw_text,
-    }
-    return DataDirectory(Path(out), task.name, recipe, force=force)
-
-
 def generate_dataset(
     task: SyntheticTask,
     out: Path,
@@ -263,16 +252,26 @@ def generate_dataset(
     seed: int,
     raw_text: bool = True,
     force: bool = False,
-) -> Dict[str, dict]:
+    check_only: bool = False,
+) -> Optional[Dict[str, dict]]:
     """Generate every split of ``task`` into ``out`` (a fairseq data-bin directory); the statistics of each split.
+    With ``check_only``, refuse what would fail (sizes, an output made otherwise) and write nothing.
 
     Written as every data directory of this project is (:class:`~fairseq_expire.prepare.output.DataDirectory`):
     a failed or interrupted run leaves nothing that looks finished, the same request again does nothing, and
-    other options for an existing directory need ``force``.
+    other options for an existing directory need ``force``. The recipe is everything that decides the bytes.
     """
     check_sizes(task, sizes)
-    data = data_directory(task, out, sizes, seed, raw_text, force)
+    recipe = {
+        **dataclasses.asdict(task.config),
+        **{f"{split}_tokens": size for split, size in sizes.items()},
+        "seed": seed,
+        "raw_text": raw_text,
+    }
+    data = DataDirectory(Path(out), task.name, recipe, force=force)
     record = data.finished()
+    if check_only:
+        return None
     if record is not None:
         logger.info(f"{out} already holds this {task.name} data: nothing to do")
         return record["splits"]

@@ -7,26 +7,20 @@ far: a model that cannot see the run scores 50% at best. Scored: the copied A's 
 has at least one A, so the first copied A is given by the cue and not scored) and the final ``.``.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from fairseq_expire.cli import option
 
 from .common import Chunk, EpisodicTask, SyntheticDataError, register_generator, segments
 
 
 @dataclass
 class CopyConfig:
-    min_gap: int = field(
-        default=1024,
-        metadata={"help": "fewest B's between the run of A's and the cue (the memory span needed)"},
-    )
-    max_gap: int = field(
-        default=16384,
-        metadata={"help": "most B's between the run and the cue; the paper goes up to 128K (131072)"},
-    )
-    max_run: int = field(
-        default=16, metadata={"help": "longest run of A's (run lengths are geometric, mean 2)"}
-    )
+    min_gap: int = option(1024, "fewest B's between the run of A's and the cue (the memory span needed)")
+    max_gap: int = option(16384, "most B's between the run and the cue; the paper goes up to 128K (131072)")
+    max_run: int = option(16, "longest run of A's (run lengths are geometric, mean 2)")
 
 
 @register_generator("copy", CopyConfig)
@@ -34,11 +28,9 @@ class CopyTask(EpisodicTask):
     """Extremely Long Copy (Table 1): write as many A's as a run seen up to 128K tokens earlier."""
 
     def check(self):
-        c = self.config
-        if not 1 <= c.min_gap <= c.max_gap:
-            raise SyntheticDataError(f"need 1 <= --min-gap <= --max-gap, got {c.min_gap} and {c.max_gap}")
-        if c.max_run < 1:
-            raise SyntheticDataError(f"--max-run must be at least 1, got {c.max_run}")
+        self.check_range("min_gap", "max_gap")
+        if self.config.max_run < 1:
+            raise SyntheticDataError(f"--max-run must be at least 1, got {self.config.max_run}")
 
     def symbols(self):
         return ["A", "B", "?", "."]

@@ -8,11 +8,13 @@ token. Corridor lengths are uniform in [``--min-length``, ``--max-length``] (pap
 is red or blue with equal chance, so chance accuracy is 50%.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from .common import Chunk, EpisodicTask, SyntheticDataError, register_generator
+from fairseq_expire.cli import option
+
+from .common import Chunk, EpisodicTask, register_generator
 
 COLOURS = ("red", "blue")
 MOVES = ("forward", "left", "right", "wait")
@@ -20,12 +22,8 @@ MOVES = ("forward", "left", "right", "wait")
 
 @dataclass
 class CorridorConfig:
-    min_length: int = field(
-        default=3, metadata={"help": "shortest corridor, in navigation tokens (paper: 3)"}
-    )
-    max_length: int = field(
-        default=200, metadata={"help": "longest corridor, in navigation tokens (paper: 200)"}
-    )
+    min_length: int = option(3, "shortest corridor, in navigation tokens (paper: 3)")
+    max_length: int = option(200, "longest corridor, in navigation tokens (paper: 200)")
 
 
 @register_generator("corridor", CorridorConfig)
@@ -33,11 +31,7 @@ class CorridorTask(EpisodicTask):
     """Corridor (Figure 3 left): take the door of the colour seen before a corridor of 3 to 200 steps."""
 
     def check(self):
-        c = self.config
-        if not 1 <= c.min_length <= c.max_length:
-            raise SyntheticDataError(
-                f"need 1 <= --min-length <= --max-length, got {c.min_length} and {c.max_length}"
-            )
+        self.check_range("min_length", "max_length")
 
     def symbols(self):
         return [f"object_{c}" for c in COLOURS] + list(MOVES) + ["doors"] + [f"door_{c}" for c in COLOURS]

@@ -15,10 +15,12 @@ character then shows up every D sentences on average, so executions come about D
 instruction (paper: around 950 distractors), and about C/2 instructions are queued at any time.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List
 
 import numpy as np
+
+from fairseq_expire.cli import option
 
 from .common import Chunk, SyntheticDataError, SyntheticTask, register_generator
 
@@ -55,12 +57,8 @@ DISTRACTOR, SHOWS_UP, RECEIVES = 0, 1, 2
 
 @dataclass
 class InstructionConfig:
-    characters: int = field(
-        default=20, metadata={"help": f"number of characters (at most {len(CHARACTERS)})"}
-    )
-    mean_delay: int = field(
-        default=950, metadata={"help": "mean number of sentences between an instruction and its execution"}
-    )
+    characters: int = option(20, f"number of characters (at most {len(CHARACTERS)})")
+    mean_delay: int = option(950, "mean number of sentences between an instruction and its execution")
 
 
 @register_generator("instruction", InstructionConfig)

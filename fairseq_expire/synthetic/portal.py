@@ -12,9 +12,11 @@ attempts in re-entered rooms (chance: 50%, the room shows both colours); first a
 never fails twice in a room, so the paper's "two mistakes in the same room" end never happens.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from fairseq_expire.cli import option
 
 from .common import Chunk, EpisodicTask, SyntheticDataError, register_generator
 
@@ -24,10 +26,8 @@ VISIT_TOKENS = 5
 
 @dataclass
 class PortalConfig:
-    rooms: int = field(
-        default=50, metadata={"help": "rooms including the goal room; all but the goal have doors"}
-    )
-    max_visits: int = field(default=1000, metadata={"help": "door attempts after which an episode stops"})
+    rooms: int = option(50, "rooms including the goal room; all but the goal have doors")
+    max_visits: int = option(1000, "door attempts after which an episode stops")
 
 
 @register_generator("portal", PortalConfig)

@@ -198,48 +198,26 @@ class LanguageModelingWithMemoryTask(FairseqTask):
             )
         return TokenSequence(labels), ignore_index
 
-    def get_batch_iterator(
-        self,
-        dataset: StreamSplit,
-        max_sentences: Optional[int] = None,
-        seed: int = 1,
-        num_shards: int = 1,
-        shard_id: int = 0,
-        num_workers: int = 0,
-        epoch: int = 1,
-        data_buffer_size: int = 0,
-        skip_remainder_batch: bool = False,
-        **unused,
-    ):
+    def get_batch_iterator(self, dataset, **options):
         """An iterator over this rank's batches of ``max_sentences`` streams (fairseq's ``--batch-size``).
 
         ``num_shards`` / ``shard_id`` are the data-parallel world size and rank; every rank gets its own streams
-        and the same number of batches. Shuffling does not apply: batches must come in stream order.
+        and the same number of batches. Shuffling does not apply: batches must come in stream order. Options that
+        size or order fairseq's batches (``max_tokens``, ``required_batch_size_multiple``...) do not apply either.
         """
         if not isinstance(dataset, StreamSplit):  # prompts (fairseq-interactive, the hub): fairseq's batches
-            return super().get_batch_iterator(
-                dataset,
-                max_sentences=max_sentences,
-                seed=seed,
-                num_shards=num_shards,
-                shard_id=shard_id,
-                num_workers=num_workers,
-                epoch=epoch,
-                data_buffer_size=data_buffer_size,
-                skip_remainder_batch=skip_remainder_batch,
-                **unused,
-            )
+            return super().get_batch_iterator(dataset, **options)
         random_offset = self.cfg.stream_offset and dataset.name == self.cfg.train_subset
         return self._stream_iterator(
             dataset,
-            max_sentences,
-            num_shards,
-            shard_id,
-            epoch,
-            offset_seed=seed if random_offset else None,
-            num_workers=num_workers,
-            buffer_size=data_buffer_size,
-            skip_remainder_batch=skip_remainder_batch,
+            options.get("max_sentences"),
+            options.get("num_shards", 1),
+            options.get("shard_id", 0),
+            options.get("epoch", 1),
+            offset_seed=options.get("seed", 1) if random_offset else None,
+            num_workers=options.get("num_workers", 0),
+            buffer_size=options.get("data_buffer_size", 0),
+            skip_remainder_batch=options.get("skip_remainder_batch", False),
         )
 
     def _stream_iterator(
