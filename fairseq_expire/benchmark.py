@@ -2,7 +2,13 @@
 Table 4 columns: time per batch, peak memory, memory kept), side by side in one run at equal L. The compressive
 model's L is its reach n_mem + c * n_cmem, with n_mem = M and c = 4 (the paper's 8.5K: 512 + 4 x 2K).
 
-Each measurement runs in its own subprocess so that peak memory (CPU RSS, or CUDA max allocated) is its own.
+Each measurement runs in its own subprocess so that peak memory is its own. Peak memory is CUDA's max allocated;
+on a CPU, the peak RSS above the RSS of the process with its libraries loaded (torch, fairseq), measured in a second
+subprocess of a few untimed batches in which glibc returns every freed block of 1 MiB or more to the system at
+once (``MALLOC_MMAP_THRESHOLD_``), so that, like CUDA's figure, it follows the live tensors, not what malloc keeps
+for later. That setting slows training, hence the separate pass; the timed run's own peak RSS, libraries and
+malloc's retention included, is ``peak_rss_mb`` in the JSON. Generation rows (small allocations) take the peak
+of their timed run, above the libraries.
 Training: forward + backward + Adam step on a stream of tokens, carrying the memory across blocks; evaluation:
 forward only, with and without the cached memory keys/values; the cached run also times a twin without the
 cache, alternating blocks in one process ("cache speed-up"; its peak memory includes the twin), next to the most
@@ -187,17 +193,27 @@ def reset_peak_memory(device) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: resets the peak RSS (VmHWM)
 
 
+def _status_mb(field: str) -> Optional[float]:
+    """A memory figure of /proc/self/status (Linux), in MB."""
+    if os.path.exists("/proc/self/status"):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_memory_mb(device) -> float:
     """CUDA max allocated, or the peak RSS since the last reset (Linux) or since the start."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    if os.path.exists("/proc/self/status"):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _status_mb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# glibc: blocks of at least this many bytes are mmap-ed, so freeing one returns it to the system (memory pass only)
+RELEASING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+MEMORY_PASS_BATCHES = 2
 
 
 def measure(args) -> dict:
@@ -208,6 +224,7 @@ def measure(args) -> dict:
 
     import fairseq_expire  # noqa: F401  (registers the models)
 
+    libraries_mb = _status_mb("VmRSS") or 0.0  # before the model: what the imports hold
     if args.memory_limit_gb:
         limit = int(args.memory_limit_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -244,7 +261,10 @@ def measure(args) -> dict:
     if args.mode.startswith("generate"):
         model.eval()
         prefill(model.decoder, B, cfg["init"], model.decoder.embed_tokens.weight)
-        return {**identity(args), "device": str(device), **measure_generation(args, model, device)}
+        generation = measure_generation(args, model, device)
+        if device.type != "cuda":
+            generation["peak_memory_mb"] -= libraries_mb
+        return {**identity(args), "device": str(device), **generation}
     prefill(model.decoder, B, cfg["init"], model.decoder.embed_tokens.weight)
     # Evaluation with the cache is also timed against a twin without it, block by block in this process, so
     # that the speed-up is not a comparison of two moments of a shared machine.
@@ -299,7 +319,8 @@ def measure(args) -> dict:
         "device": str(device),
         "tokens_per_s": B * M / batch_time,
         "batch_time_ms": 1000 * batch_time,
-        "peak_memory_mb": peak_mb,
+        "peak_memory_mb": peak_mb if device.type == "cuda" else peak_mb - libraries_mb,
+        **({} if device.type == "cuda" else {"peak_rss_mb": peak_mb}),
         "span_avg": statistics.mean(spans),
         "mem_per_layer": mem_per_layer,
         **({"model_tflops": flops / 1e12, "mfu": flops / 1e12 / peak if peak else None} if flops else {}),
@@ -400,6 +421,20 @@ def identity(args) -> dict:
 
 
 def run_in_subprocess(args, **overrides) -> dict:
+    """One row: its timed run, and on a CPU its peak memory from a memory pass (see the module doc)."""
+    row = _measurement(args, overrides)
+    if (
+        row.get("out_of_memory")
+        or args.device != "cpu"
+        or overrides.get("mode", args.mode).startswith("generate")
+    ):
+        return row
+    passes = {**overrides, "warmup": 1, "batches": MEMORY_PASS_BATCHES}
+    memory = _measurement(args, passes, RELEASING_MALLOC)
+    return memory if memory.get("out_of_memory") else {**row, "peak_memory_mb": memory["peak_memory_mb"]}
+
+
+def _measurement(args, overrides: dict, environment: Optional[dict] = None) -> dict:
     command = [sys.executable, "-m", "fairseq_expire.benchmark", "--measure"]
     for key, value in {**vars(args), **overrides}.items():
         if key in (
@@ -419,7 +454,11 @@ def run_in_subprocess(args, **overrides) -> dict:
             command += [f"--{key.replace('_', '-')}"] if value else []
         else:
             command += [f"--{key.replace('_', '-')}", str(value)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+        **(environment or {}),
+    }
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"benchmark run failed ({' '.join(command)}):\n{result.stderr[-3000:]}")

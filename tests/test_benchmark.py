@@ -25,7 +25,9 @@ def test_benchmark_reports_speed_memory_and_the_cache_speedup(tmp_path):
     assert {("adaptive_span_lm", "train"), ("adaptive_span_lm", "eval+cache")} <= kinds
     assert {("compressive_lm", "train"), ("compressive_lm", "eval")} <= kinds
     for row in rows:
-        assert row["tokens_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert (
+            row["tokens_per_s"] > 0 and 0 < row["peak_memory_mb"] < row["peak_rss_mb"]
+        )  # less the libraries
         assert all(0 < kept <= 64 + 8 for kept in row["mem_per_layer"])  # L + R
     (cached,) = [r for r in rows if r["model"] == "expire_span_lm" and r["mode"] == "eval+cache"]
     assert cached["cache_speedup"] > 0 and cached["cache_bound"] > 1
