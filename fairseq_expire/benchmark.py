@@ -27,8 +27,9 @@ table is followed by that model's prediction per GPU at the paper's enwik8 batch
 
 ``--dtypes fp32 bf16`` measures each row in both, side by side: bf16 as ``fairseq-train --bf16`` runs it (the model
 converted to bf16, fairseq's FP16Optimizer with fp32 master weights; not autocast), with its tokens/s and peak
-memory as ratios to the fp32 row. On CUDA, rows also give model FLOP/s (multiply-adds counted as in
-:func:`train_flops_per_token`) and their utilization of the GPU's peak (``--peak-tflops``, known GPUs by name).
+memory as ratios to the fp32 row. Training rows also give model FLOP/s (multiply-adds counted as in
+:func:`train_flops_per_token`) and their utilization (MFU) of the machine's matmul peak in the row's dtype, which
+the run measures first (:func:`matmul_peak_tflops`; ``--peak-tflops`` to give a data-sheet figure instead).
 
     python scripts/benchmark.py --lengths 1024 4096 16384 --json bench.json
     python scripts/benchmark.py --lengths 65536 --modes train --memory-limit-gb 8    # does it fit?
@@ -62,8 +63,33 @@ CONFIGS = {
     "tiny": dict(layers=2, width=32, ffn=64, heads=2, block=16, batch=2, ramp=8, init=0.1),
 }
 
-# Dense bf16 tensor-core peak, TFLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}
+# --dtypes: the torch dtype of each
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def threads() -> int:
+    """Threads of every measurement: OMP_NUM_THREADS, or all CPUs."""
+    return int(os.environ.get("OMP_NUM_THREADS", os.cpu_count()))
+
+
+def matmul_peak_tflops(device, dtype: str, repeats: int = 5) -> float:
+    """The best TFLOP/s of square matmuls in ``dtype`` on ``device`` (n = 8192 on a GPU, 2048 on a CPU): the peak
+    that MFU is measured against, so that it is this machine's, in the row's dtype (AMX makes bf16 several times
+    fp32 on a recent Xeon)."""
+    import torch
+
+    torch.set_num_threads(threads())
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=getattr(torch, DTYPES[dtype])) for _ in range(2))
+    best = math.inf
+    for k in range(repeats + 2):  # two warm-ups
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        if k >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e12
 
 
 def prefill(decoder, batch_size: int, init_percentage: float, like) -> None:
@@ -248,7 +274,7 @@ def measure(args) -> dict:
     )
     model_class = ARCH_MODEL_REGISTRY[args.model]
     config = getattr(model_class, "__dataclass")(**options)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    dtype = getattr(torch, DTYPES[args.dtype])
     model = model_class.build_model(config, SimpleNamespace(target_dictionary=dictionary)).to(device, dtype)
     optimizer = build_optimizer(model, dtype)
     B, M = cfg["batch"], cfg["block"]
@@ -310,10 +336,8 @@ def measure(args) -> dict:
     batch_time = statistics.median(times)
     mem_per_layer = [round(statistics.mean(layer), 1) for layer in zip(*kept)]
     flops = None
-    if device.type == "cuda" and args.mode == "train":
+    if args.mode == "train":
         flops = train_flops_per_token(cfg, mem_per_layer, len(dictionary)) * B * M / batch_time
-        name = torch.cuda.get_device_name(device)
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     return {
         **identity(args),
         "device": str(device),
@@ -323,7 +347,7 @@ def measure(args) -> dict:
         **({} if device.type == "cuda" else {"peak_rss_mb": peak_mb}),
         "span_avg": statistics.mean(spans),
         "mem_per_layer": mem_per_layer,
-        **({"model_tflops": flops / 1e12, "mfu": flops / 1e12 / peak if peak else None} if flops else {}),
+        **({"model_tflops": flops / 1e12} if flops else {}),
         **(
             {
                 "cache_speedup": statistics.median(twin_times) / batch_time,
@@ -456,7 +480,7 @@ def _measurement(args, overrides: dict, environment: Optional[dict] = None) -> d
             command += [f"--{key.replace('_', '-')}", str(value)]
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+        "OMP_NUM_THREADS": str(threads()),
         **(environment or {}),
     }
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -499,7 +523,7 @@ def markdown(rows) -> str:
         speedup = f"{r['cache_speedup']:.2f}x ({r['cache_bound']:.2f}x)" if "cache_speedup" in r else ""
         utilization = ""
         if "model_tflops" in r:
-            utilization = f"{r['model_tflops']:.0f}" + (f" ({100 * r['mfu']:.0f}%)" if r["mfu"] else "")
+            utilization = f"{r['model_tflops']:.3g} ({100 * r['mfu']:.2g}%)"
         lines.append(
             f"{head} {r['tokens_per_s']:.0f} | {_ratios(r, r.get('fp32'))} | {_ratios(r, r.get('plain'))} "
             f"| {r['batch_time_ms']:.0f} | {r['peak_memory_mb']:.0f} | {predicted} | {r['span_avg']:.0f} "
@@ -539,7 +563,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument(
         "--dtypes",
         nargs="+",
-        choices=["fp32", "bf16"],
+        choices=list(DTYPES),
         default=["fp32"],
         help="each row in each, side by side",
     )
@@ -548,7 +572,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         help="each row through each training attention (--attention-kernel), side by side",
     )  # fmt: skip
     parser.add_argument(
-        "--peak-tflops", type=float, help="the GPU's peak for the MFU column (default: by name)"
+        "--peak-tflops",
+        type=float,
+        help="the peak TFLOP/s the MFU column divides by, in every dtype (default: measured per dtype)",
     )
     parser.add_argument("--json", type=Path, help="write all figures here")
     # internal: one measurement
@@ -570,6 +596,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(json.dumps(row))
         return
 
+    peaks = {}
+    if "train" in args.modes:
+        import torch
+
+        for dtype in args.dtypes:
+            device = torch.device(args.device)
+            peaks[dtype] = args.peak_tflops or matmul_peak_tflops(device, dtype)
+        print(", ".join(f"matmul peak {d}: {p:.3g} TFLOP/s" for d, p in peaks.items()), flush=True)
     rows = []
 
     def measured(**settings):
@@ -585,6 +619,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         for dtype in args.dtypes:
             for kernel in kernels:
                 row = run_in_subprocess(args, dtype=dtype, attention_kernel=kernel, **settings)
+                if "model_tflops" in row:
+                    row["mfu"] = row["model_tflops"] / peaks[dtype]
                 fp32 = measured_rows.get(("fp32", kernel))
                 if dtype != "fp32" and fp32 is not None:
                     row["fp32"] = figures(fp32)

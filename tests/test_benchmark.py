@@ -42,6 +42,10 @@ def test_benchmark_puts_bf16_beside_fp32(tmp_path):
     assert (fp32["dtype"], bf16["dtype"]) == ("fp32", "bf16")
     assert bf16["fp32"]["tokens_per_s"] == fp32["tokens_per_s"] and bf16["tokens_per_s"] > 0
     assert "| vs fp32 (peak mem) |" in result.stdout and "| bf16 |" in result.stdout
+    # MFU against the matmul peak measured in each dtype at the start
+    assert "matmul peak fp32:" in result.stdout and "bf16:" in result.stdout
+    for row in (fp32, bf16):
+        assert row["model_tflops"] > 0 and 0 < row["mfu"] < 1
 
 
 def test_benchmark_reports_generated_tokens_per_second_against_fixed_span_and_recompute(tmp_path):

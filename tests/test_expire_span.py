@@ -11,6 +11,7 @@ from fairseq.data import Dictionary
 from fairseq.models import ARCH_CONFIG_REGISTRY
 
 import fairseq_expire.models.expire_span_lm as lm
+import fairseq_expire.modules.expire_span as expire_span
 from fairseq_expire.modules.expire_span import (
     LayerMemory,
     RelativePositionTable,
@@ -446,7 +447,13 @@ def older_keys_on_the_ramp(spans, memory, block, ramp):
 
 
 @pytest.mark.parametrize("limit", [None, 6.5])
-def test_fused_training_attention_equals_the_plain_path_and_the_paper_formula(limit):
+@pytest.mark.parametrize("score_block", [1 << 22, 1], ids=["whole", "a_stream_and_a_key_at_a_time"])
+def test_fused_training_attention_equals_the_plain_path_and_the_paper_formula(
+    limit, score_block, monkeypatch
+):
+    """Also with the backward's recomputed scores bounded to one stream (last 2M keys) and one key (older keys
+    on the ramp) at a time."""
+    monkeypatch.setattr(expire_span, "SCORE_BLOCK_ELEMENTS", score_block)
     torch.manual_seed(0)
     model = make_model(block=4, max_span=16, ramp=4, init=0.5)
     attention = model.decoder.layers[0].attention

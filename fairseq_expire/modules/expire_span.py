@@ -694,10 +694,41 @@ class _FusedSpanAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_remaining, grad_table, None, None, None, None, None
 
 
+# The backward rebuilds scores in blocks of at most this many elements (16 MB in fp32), whatever B: at the paper's
+# per-GPU batch the last 2M keys' scores alone are 1 GiB per tensor (64 x 8 x 512 x 1024).
+SCORE_BLOCK_ELEMENTS = 1 << 22
+
+
 def _recent_backward(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, positions, span_gradient: bool):
-    """The last 2M keys' share of the backward (their position term is in no kernel's bias): the scores
-    ``s = q.(k + p_{t-i})`` recomputed (B x K x M x 2M), ``P`` and ``dS`` in place. Returns the gradients of q,
-    of these keys' k and v, of the position table and (``span_gradient``) of their ``r``."""
+    """The last 2M keys' share of the backward (their position term is in no kernel's bias), a few streams at a
+    time (:data:`SCORE_BLOCK_ELEMENTS`). Returns the gradients of q, of these keys' k and v, of the position
+    table and (``span_gradient``) of their ``r``."""
+    B, K, M, _ = q.shape
+    streams = max(1, SCORE_BLOCK_ELEMENTS // (K * M * k.size(-2)))
+    if streams >= B:
+        return _recent_backward_of(q, k, v, grad, delta, lse, log_mask, mask, positions, span_gradient)
+    parts = [
+        _recent_backward_of(
+            *(x[b : b + streams] for x in (q, k, v, grad, delta, lse, log_mask)),
+            dataclasses.replace(mask, remaining=mask.remaining[b : b + streams]),
+            positions,
+            span_gradient,
+        )
+        for b in range(0, B, streams)
+    ]
+    grad_q, grad_k, grad_v, grad_table, grad_remaining = zip(*parts)
+    return (
+        torch.cat(grad_q),
+        torch.cat(grad_k),
+        torch.cat(grad_v),
+        sum(grad_table),
+        torch.cat(grad_remaining) if span_gradient else None,
+    )
+
+
+def _recent_backward_of(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, positions, span_gradient: bool):
+    """:func:`_recent_backward` of some streams: the scores ``s = q.(k + p_{t-i})`` recomputed (B x K x M x 2M),
+    ``P`` and ``dS`` in place."""
     scores = torch.matmul(q, k.transpose(-1, -2))
     positions.add_scores_(q, scores)
     probs = scores.float().add_(log_mask[..., -scores.size(-1) :]).sub_(lse).exp_()
@@ -720,7 +751,8 @@ def _recent_backward(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, positi
 
 def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ramp: int) -> Tensor:
     """``d r_i`` of the older keys (B x K' x A) from the keys whose ramp meets the block only (at most R
-    queries each): their scores are rebuilt, M keys at a time, for ``dS = P (dO . v - delta)``.
+    queries each): their scores are rebuilt, a few keys at a time (:data:`SCORE_BLOCK_ELEMENTS`), for
+    ``dS = P (dO . v - delta)``.
 
     Which keys those are depends on the data: one host sync per layer in the backward.
     """
@@ -730,8 +762,9 @@ def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ra
     meets = (remaining > -ramp - 1) & (remaining < M)  # B x K' x A
     index, real = (x.view(*remaining.shape[:2], -1) for x in _survivors(meets.flatten(0, 1)))  # B x K' x n
     grad_remaining = torch.zeros_like(remaining)
-    for start in range(0, index.size(-1), M):
-        chunk, real_chunk = index[..., start : start + M], real[..., start : start + M]  # B x K' x c
+    step = max(1, SCORE_BLOCK_ELEMENTS // (B * K * M))
+    for start in range(0, index.size(-1), step):
+        chunk, real_chunk = index[..., start : start + step], real[..., start : start + step]  # B x K' x c
         rows = chunk.unsqueeze(-1).expand(B, K, -1, D)  # B x K x c x D
         k_chunk, v_chunk = k.gather(2, rows), v.gather(2, rows)
         r_chunk = remaining.gather(-1, chunk)
