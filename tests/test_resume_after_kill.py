@@ -71,7 +71,9 @@ def test_a_run_resumed_at_its_max_update_trains_no_further(data_bin, tmp_path):
 
 @pytest.mark.slow
 def test_training_killed_at_random_moments_resumes_every_time_and_finishes(data_bin, tmp_path):
-    """Ten SIGKILLs at random moments of a run that saves after every update, then the same command finishes."""
+    """Ten SIGKILLs at random moments of a run that saves after every update, then the same command finishes.
+    Each kill comes a random fraction of a second after the run's first save of its own, so that it falls while
+    training or saving however fast the machine starts fairseq, and every run moves the checkpoint on."""
     save = tmp_path / "save"
     command = [
         str(BIN / "fairseq-train"),
@@ -81,12 +83,17 @@ def test_training_killed_at_random_moments_resumes_every_time_and_finishes(data_
     kills = 0
     while kills < 10:
         process = subprocess.Popen(
-            command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            command, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        time.sleep(rng.uniform(2.0, 6.0))
+        output = []
+        for line in process.stdout:
+            output.append(line)
+            if "Saved checkpoint" in line:
+                break
+        time.sleep(rng.uniform(0.0, 0.3))
         if process.poll() is not None:  # it finished (or failed) before the kill
-            output = process.stdout.read().decode()
-            assert process.returncode == 0, output[-3000:]
+            output.append(process.stdout.read())
+            assert process.returncode == 0, "".join(output)[-3000:]
             break
         process.send_signal(signal.SIGKILL)
         process.wait()
