@@ -105,6 +105,20 @@ def test_bf16_fused_training_attention_agrees_with_the_plain_path():
         assert (fused is None and plain is None) or relative_error(fused, plain) < ATTENTION_RTOL
 
 
+def test_bf16_training_attention_keeps_no_fp32_copy_of_its_inputs():
+    """What a bf16 layer's fused training attention keeps for the backward is bf16, apart from terms per key or
+    per query (spans, r, log-sum-exp): no B x T x H or B x K x M x D tensor in fp32 (the span predictor used to
+    keep an fp32 copy of every memory)."""
+    model = make_model(block=8, max_span=32, ramp=4, init=0.4).to(torch.bfloat16)
+    block, memory = attention_inputs(torch.bfloat16)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        attend(model, block, memory)
+    largest_fp32 = max(t.numel() for t in kept if t.dtype == torch.float32)
+    B, N, H = memory.hidden.shape
+    assert largest_fp32 <= B * (N + block.size(1)), [(tuple(t.shape), t.dtype) for t in kept]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_forward_is_finite_with_spans_pushed_to_L(dtype):
     torch.manual_seed(0)

@@ -84,9 +84,28 @@ class SpanPredictor(nn.Module):
         nn.init.constant_(self.proj.bias, math.log(init_percentage / (1.0 - init_percentage)))
 
     def forward(self, hidden: Tensor) -> Tensor:  # B x T x H -> B x T
-        # w . (h / pre_div) as (w / pre_div) . h: autograd keeps h itself, not a B x T x H copy of it
-        logit = F.linear(hidden.float(), self.proj.weight.float() / self.pre_div, self.proj.bias.float())
-        return self.max_span * torch.sigmoid(logit.squeeze(-1))
+        # w . (h / pre_div) as (w / pre_div) . h
+        logit = _SpanLogit.apply(hidden, self.proj.weight.float() / self.pre_div, self.proj.bias.float())
+        return self.max_span * torch.sigmoid(logit)
+
+
+class _SpanLogit(torch.autograd.Function):
+    """``w . h + b`` in fp32 (B x T x H -> B x T), keeping h for the backward in its own dtype. Autograd through
+    ``F.linear(h.float(), ...)`` would keep an fp32 copy of h in bf16 or fp16: B x T x H per layer, the largest
+    tensor a layer keeps there (memories included). The weight's gradient is summed a stream at a time, so the
+    backward's fp32 copies of h are one stream's."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(hidden, weight)
+        return F.linear(hidden.float(), weight, bias).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad: B x T, fp32
+        hidden, weight = ctx.saved_tensors
+        grad_hidden = (grad.unsqueeze(-1) * weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = sum(g.unsqueeze(0) @ h.float() for g, h in zip(grad, hidden))  # 1 x H
+        return grad_hidden, grad_weight, grad.sum().view(1)
 
 
 def _query_offsets(block_size: int, device) -> Tensor:
