@@ -1,6 +1,7 @@
 """Corridor task: an independent checker re-reads every episode and recomputes the door to take."""
 
 import hashlib
+import json
 
 import pytest
 from fairseq.data import Dictionary
@@ -80,7 +81,11 @@ def test_without_a_gap_the_data_is_byte_for_byte_what_it_was(tmp_path):
         ("dict.txt", "9a3be269504689e4893339638cafe8b4"),
     ):
         assert hashlib.md5((out / name).read_bytes()).hexdigest() == checksum, name
+    assert (
+        "episode_gap" not in json.loads((out / "prepare.json").read_text())["recipe"]
+    )  # found finished again
     gapped = generate(tmp_path, "corridor", {"min_length": 3, "max_length": 30, "episode_gap": 5}, name="gap")
+    assert json.loads((gapped / "prepare.json").read_text())["recipe"]["episode_gap"] == 5
     assert Dictionary.load(str(gapped / "dict.txt")).symbols[-2:] == ["gap", "_"]
 
 

@@ -48,6 +48,14 @@ class CorridorTask(EpisodicTask):
         if self.config.episode_gap < 0:
             raise SyntheticDataError(f"--episode-gap must be 0 or more tokens, got {self.config.episode_gap}")
 
+    def recipe(self):
+        """Without a gap, the recipe of the data made before ``--episode-gap`` existed (the same bytes): such a
+        directory is still found finished, not refused as made with other options."""
+        recipe = super().recipe()
+        if recipe["episode_gap"] == 0:
+            del recipe["episode_gap"]
+        return recipe
+
     def symbols(self):
         """The gap has a symbol of its own, added only with a gap (data without one is as before): the time
         between episodes is no part of the environment. Filled with ``wait``, it would read as more corridor, a
