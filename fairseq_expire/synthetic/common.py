@@ -94,6 +94,11 @@ class SyntheticTask:
             options = [f"--{name.replace('_', '-')}" for name in (low, high)]
             raise SyntheticDataError(f"need 1 <= {options[0]} <= {options[1]}, got {a} and {b}")
 
+    def recipe(self) -> dict:
+        """The options that decide the data, as recorded in ``prepare.json`` (an existing directory made with
+        other ones needs ``--force``)."""
+        return dataclasses.asdict(self.config)
+
     def symbols(self) -> List[str]:
         raise NotImplementedError
 
@@ -263,7 +268,7 @@ def generate_dataset(
     """
     check_sizes(task, sizes)
     recipe = {
-        **dataclasses.asdict(task.config),
+        **task.recipe(),
         **{f"{split}_tokens": size for split, size in sizes.items()},
         "seed": seed,
         "raw_text": raw_text,
