@@ -15,6 +15,7 @@ import fairseq_expire.modules.expire_span as expire_span
 from fairseq_expire.modules.expire_span import (
     LayerMemory,
     RelativePositionTable,
+    SpanPredictor,
     _split_flash_attention,
     _whole_bias_attention,
     ramp_span_loss,
@@ -391,6 +392,27 @@ def test_attention_matches_the_dense_paper_formula_in_values_and_gradients(learn
             assert (a is None and b is None) or torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [1 << 22, 1], ids=["whole", "a_stream_at_a_time"])
+def test_span_predictor_is_the_formula_in_values_and_gradients(block, monkeypatch):
+    """``e = L sigmoid(w . (h / pre_div) + b)`` and its gradients on h, w and b, against autograd through the
+    formula, also with the weight's gradient summed one stream at a time."""
+    monkeypatch.setattr(expire_span, "BACKWARD_BLOCK_ELEMENTS", block)
+    torch.manual_seed(0)
+    predictor = SpanPredictor(16, max_span=64, init_percentage=0.3, pre_div=2.0)
+    torch.nn.init.normal_(predictor.proj.weight)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(3, 7)
+    parameters = [hidden, predictor.proj.weight, predictor.proj.bias]
+    spans = predictor(hidden)
+    formula = 64 * torch.sigmoid(hidden @ (predictor.proj.weight / 2.0).t() + predictor.proj.bias).squeeze(-1)
+    assert torch.allclose(spans, formula)
+    for a, b in zip(
+        torch.autograd.grad((spans * weight).sum(), parameters),
+        torch.autograd.grad((formula * weight).sum(), parameters),
+    ):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def kernel_inputs(B=3, M=4, N=20, H=16, seed=0):
     """A block and a memory reaching well beyond the last 2M keys, with padding; the last stream's memory is all
     padding, so its first query sees nothing."""
@@ -453,7 +475,7 @@ def test_fused_training_attention_equals_the_plain_path_and_the_paper_formula(
 ):
     """Also with the backward's recomputed scores bounded to one stream (last 2M keys) and one key (older keys
     on the ramp) at a time."""
-    monkeypatch.setattr(expire_span, "SCORE_BLOCK_ELEMENTS", score_block)
+    monkeypatch.setattr(expire_span, "BACKWARD_BLOCK_ELEMENTS", score_block)
     torch.manual_seed(0)
     model = make_model(block=4, max_span=16, ramp=4, init=0.5)
     attention = model.decoder.layers[0].attention

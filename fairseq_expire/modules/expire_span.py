@@ -71,6 +71,12 @@ def _block_distances(block_size: int, device) -> Tensor:
     return -torch.arange(block_size, dtype=torch.float32, device=device)
 
 
+# Backward passes rebuild fp32 tensors (scores, copies of layer inputs) in blocks of at most this many elements
+# (16 MB), whatever B: at the paper's per-GPU batch the last 2M keys' scores alone are 1 GiB per tensor
+# (64 x 8 x 512 x 1024).
+BACKWARD_BLOCK_ELEMENTS = 1 << 22
+
+
 class SpanPredictor(nn.Module):
     """``e = L * sigmoid(w . (h / pre_div) + b)``, one per layer, shared by the heads; always computed in fp32."""
 
@@ -92,8 +98,8 @@ class SpanPredictor(nn.Module):
 class _SpanLogit(torch.autograd.Function):
     """``w . h + b`` in fp32 (B x T x H -> B x T), keeping h for the backward in its own dtype. Autograd through
     ``F.linear(h.float(), ...)`` would keep an fp32 copy of h in bf16 or fp16: B x T x H per layer, the largest
-    tensor a layer keeps there (memories included). The weight's gradient is summed a stream at a time, so the
-    backward's fp32 copies of h are one stream's."""
+    tensor a layer keeps there (memories included). The weight's gradient is summed a few streams at a time
+    (:data:`BACKWARD_BLOCK_ELEMENTS`), so the backward's fp32 copies of h are as small."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -104,7 +110,12 @@ class _SpanLogit(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # grad: B x T, fp32
         hidden, weight = ctx.saved_tensors
         grad_hidden = (grad.unsqueeze(-1) * weight).to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = sum(g.unsqueeze(0) @ h.float() for g, h in zip(grad, hidden))  # 1 x H
+        B, T, H = hidden.shape
+        streams = max(1, BACKWARD_BLOCK_ELEMENTS // (T * H))
+        grad_weight = sum(
+            grad[b : b + streams].flatten().unsqueeze(0) @ hidden[b : b + streams].flatten(0, 1).float()
+            for b in range(0, B, streams)
+        )  # 1 x H
         return grad_hidden, grad_weight, grad.sum().view(1)
 
 
@@ -713,17 +724,12 @@ class _FusedSpanAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, grad_remaining, grad_table, None, None, None, None, None
 
 
-# The backward rebuilds scores in blocks of at most this many elements (16 MB in fp32), whatever B: at the paper's
-# per-GPU batch the last 2M keys' scores alone are 1 GiB per tensor (64 x 8 x 512 x 1024).
-SCORE_BLOCK_ELEMENTS = 1 << 22
-
-
 def _recent_backward(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, positions, span_gradient: bool):
     """The last 2M keys' share of the backward (their position term is in no kernel's bias), a few streams at a
-    time (:data:`SCORE_BLOCK_ELEMENTS`). Returns the gradients of q, of these keys' k and v, of the position
+    time (:data:`BACKWARD_BLOCK_ELEMENTS`). Returns the gradients of q, of these keys' k and v, of the position
     table and (``span_gradient``) of their ``r``."""
     B, K, M, _ = q.shape
-    streams = max(1, SCORE_BLOCK_ELEMENTS // (K * M * k.size(-2)))
+    streams = max(1, BACKWARD_BLOCK_ELEMENTS // (K * M * k.size(-2)))
     if streams >= B:
         return _recent_backward_of(q, k, v, grad, delta, lse, log_mask, mask, positions, span_gradient)
     parts = [
@@ -770,7 +776,7 @@ def _recent_backward_of(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, pos
 
 def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ramp: int) -> Tensor:
     """``d r_i`` of the older keys (B x K' x A) from the keys whose ramp meets the block only (at most R
-    queries each): their scores are rebuilt, a few keys at a time (:data:`SCORE_BLOCK_ELEMENTS`), for
+    queries each): their scores are rebuilt, M keys at a time or fewer (:data:`BACKWARD_BLOCK_ELEMENTS`), for
     ``dS = P (dO . v - delta)``.
 
     Which keys those are depends on the data: one host sync per layer in the backward.
@@ -781,7 +787,7 @@ def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ra
     meets = (remaining > -ramp - 1) & (remaining < M)  # B x K' x A
     index, real = (x.view(*remaining.shape[:2], -1) for x in _survivors(meets.flatten(0, 1)))  # B x K' x n
     grad_remaining = torch.zeros_like(remaining)
-    step = max(1, SCORE_BLOCK_ELEMENTS // (B * K * M))
+    step = max(1, min(M, BACKWARD_BLOCK_ELEMENTS // (B * K * M)))
     for start in range(0, index.size(-1), step):
         chunk, real_chunk = index[..., start : start + step], real[..., start : start + step]  # B x K' x c
         rows = chunk.unsqueeze(-1).expand(B, K, -1, D)  # B x K x c x D
