@@ -600,8 +600,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if "train" in args.modes:
         import torch
 
+        device = torch.device(args.device)
         for dtype in args.dtypes:
-            device = torch.device(args.device)
             peaks[dtype] = args.peak_tflops or matmul_peak_tflops(device, dtype)
         print(", ".join(f"matmul peak {d}: {p:.3g} TFLOP/s" for d, p in peaks.items()), flush=True)
     rows = []
