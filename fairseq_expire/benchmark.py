@@ -30,6 +30,7 @@ converted to bf16, fairseq's FP16Optimizer with fp32 master weights; not autocas
 memory as ratios to the fp32 row. Training rows also give model FLOP/s (multiply-adds counted as in
 :func:`train_flops_per_token`) and their utilization (MFU) of the machine's matmul peak in the row's dtype, which
 the run measures first (:func:`matmul_peak_tflops`; ``--peak-tflops`` to give a data-sheet figure instead).
+``--memory-efficient-bf16`` trains the bf16 rows as ``fairseq-train --memory-efficient-bf16`` does instead.
 
     python scripts/benchmark.py --lengths 1024 4096 16384 --json bench.json
     python scripts/benchmark.py --lengths 65536 --modes train --memory-limit-gb 8    # does it fit?
@@ -192,9 +193,11 @@ def enwik8_prediction(kernels, dtype: str) -> str:
     )
 
 
-def build_optimizer(model, dtype):
+def build_optimizer(model, dtype, memory_efficient: bool = False):
     """fairseq's Adam as ``fairseq-train`` builds it: wrapped in FP16Optimizer (fp32 master weights, no loss scaling
-    in bf16) when the model is in bf16."""
+    in bf16) when the model is in bf16, or (``memory_efficient``: ``--memory-efficient-bf16``) in
+    MemoryEfficientFP16Optimizer, which keeps no fp32 copy of the weights and gradients (Adam's state stays fp32).
+    """
     import torch
     from fairseq import optim
     from fairseq.dataclass.configs import FairseqConfig
@@ -203,8 +206,11 @@ def build_optimizer(model, dtype):
 
     cfg = OmegaConf.structured(FairseqConfig())
     cfg.common.bf16 = dtype == torch.bfloat16
+    cfg.common.memory_efficient_bf16 = cfg.common.bf16 and memory_efficient
     cfg.optimizer = OmegaConf.merge(OmegaConf.structured(FairseqAdamConfig(lr=[1e-4])), {"_name": "adam"})
     params = list(model.parameters())
+    if cfg.common.memory_efficient_bf16:
+        return optim.MemoryEfficientFP16Optimizer.build_optimizer(cfg, params)
     if cfg.common.bf16:
         return optim.FP16Optimizer.build_optimizer(cfg, params)
     return optim.build_optimizer(cfg.optimizer, params)
@@ -277,7 +283,7 @@ def measure(args) -> dict:
     config = getattr(model_class, "__dataclass")(**options)
     dtype = getattr(torch, DTYPES[args.dtype])
     model = model_class.build_model(config, SimpleNamespace(target_dictionary=dictionary)).to(device, dtype)
-    optimizer = build_optimizer(model, dtype)
+    optimizer = build_optimizer(model, dtype, args.memory_efficient_bf16)
     B, M = cfg["batch"], cfg["block"]
     stream = torch.randint(4, len(dictionary), (B, (args.warmup + args.batches + 1) * M), device=device)
     if args.mode == "eval":
@@ -440,6 +446,7 @@ def identity(args) -> dict:
         "mode": args.mode + ("+cache" if args.mode == "eval" and args.eval_cache else ""),
         "max_span": args.max_span,
         "dtype": args.dtype,
+        "memory_efficient_bf16": args.dtype == "bf16" and args.memory_efficient_bf16,
         "attention_kernel": args.attention_kernel,
     }
 
@@ -510,7 +517,8 @@ def markdown(rows) -> str:
     ]
     for r in rows:
         kernel = r["attention_kernel"] if r["mode"] == "train" else ""
-        head = f"| {r['model']} | {r['mode']} | {r['max_span']} | {r['dtype']} | {kernel} |"
+        dtype = r["dtype"] + (", memory-efficient" if r.get("memory_efficient_bf16") else "")
+        head = f"| {r['model']} | {r['mode']} | {r['max_span']} | {dtype} | {kernel} |"
         if r.get("out_of_memory"):
             lines.append(f"{head} out of memory ({r['memory_limit_gb']} GB limit) | | | | | | | | | |")
             continue
@@ -566,6 +574,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         choices=list(DTYPES),
         default=["fp32"],
         help="each row in each, side by side",
+    )
+    parser.add_argument(
+        "--memory-efficient-bf16",
+        action="store_true",
+        help="bf16 rows train as fairseq-train --memory-efficient-bf16 does (no fp32 master weights)",
     )
     parser.add_argument(
         "--attention-kernels", nargs="+", choices=["fused", "plain"], default=["fused"],

@@ -22,6 +22,7 @@ import fairseq_expire.models.expire_span_lm as lm
 from fairseq_expire.criterions.expire_span_cross_entropy import ExpireSpanCrossEntropyCriterion
 from fairseq_expire.errors import UsageError
 from fairseq_expire.models.adaptive_span_lm import AdaptiveSpanLanguageModel, AdaptiveSpanLMConfig
+from fairseq_expire.modules import expire_span
 from fairseq_expire.modules.expire_span import LayerMemory
 
 
@@ -89,7 +90,12 @@ def test_adaptive_mask_law_and_its_gradient_match_the_dense_formula(limit):
 
 
 @pytest.mark.parametrize("limit", [None, 7.5])
-def test_fused_training_attention_with_a_mask_per_head_equals_the_plain_path_and_the_paper_formula(limit):
+@pytest.mark.parametrize("score_block", [1 << 22, 1], ids=["whole", "a_stream_a_head_and_a_key_at_a_time"])
+def test_fused_training_attention_with_a_mask_per_head_equals_the_plain_path_and_the_paper_formula(
+    limit, score_block, monkeypatch
+):
+    """Also with the backward's recomputed scores bounded to one head of one stream (:data:`BACKWARD_BLOCK_ELEMENTS`)."""
+    monkeypatch.setattr(expire_span, "BACKWARD_BLOCK_ELEMENTS", score_block)
     torch.manual_seed(0)
     L, R = 20, 3
     # z = 6.2, 13.6: older keys on the ramp

@@ -75,3 +75,29 @@ def test_benchmark_puts_the_fused_training_attention_beside_the_plain_one(tmp_pa
     assert fused["plain"]["peak_memory_mb"] == plain["peak_memory_mb"] and fused["tokens_per_s"] > 0
     assert "| vs plain (peak mem) |" in result.stdout and "| predicted MB/layer |" in result.stdout
     assert "memory model at the paper's enwik8 batch per GPU" in result.stdout and "fused" in result.stdout
+
+
+def test_benchmark_trains_bf16_without_fp32_master_weights_as_memory_efficient_bf16_does(tmp_path):
+    result, (row,) = benchmark(
+        tmp_path, "--models", "expire_span_lm", "--modes", "train", "--no-follow", "--dtypes", "bf16",
+        "--memory-efficient-bf16", "--batches", 2, "--warmup", 1,
+    )  # fmt: skip
+    assert row["memory_efficient_bf16"] and row["tokens_per_s"] > 0
+    assert "| bf16, memory-efficient |" in result.stdout
+
+
+def test_memory_efficient_bf16_optimizer_steps_the_bf16_weights_with_no_fp32_copy():
+    import torch
+    from fairseq import optim
+
+    from fairseq_expire.benchmark import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+    before = model.weight.detach().clone()
+    optimizer = build_optimizer(model, torch.bfloat16, memory_efficient=True)
+    assert isinstance(optimizer, optim.MemoryEfficientFP16Optimizer) and not hasattr(optimizer, "fp32_params")
+    optimizer.backward(model(torch.randn(4, 8, dtype=torch.bfloat16)).float().square().sum())
+    optimizer.step()
+    assert model.weight.dtype == torch.bfloat16 and not torch.equal(model.weight, before)
+    assert isinstance(build_optimizer(model, torch.bfloat16), optim.FP16Optimizer)

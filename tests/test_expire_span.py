@@ -469,7 +469,7 @@ def older_keys_on_the_ramp(spans, memory, block, ramp):
 
 
 @pytest.mark.parametrize("limit", [None, 6.5])
-@pytest.mark.parametrize("score_block", [1 << 22, 1], ids=["whole", "a_stream_and_a_key_at_a_time"])
+@pytest.mark.parametrize("score_block", [1 << 22, 1], ids=["whole", "a_stream_a_head_and_a_key_at_a_time"])
 def test_fused_training_attention_equals_the_plain_path_and_the_paper_formula(
     limit, score_block, monkeypatch
 ):
