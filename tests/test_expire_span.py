@@ -503,6 +503,32 @@ def test_fused_training_attention_of_the_first_block_equals_the_plain_path():
     compare_kernels(model, block, LayerMemory.empty(2, 4, 16, like=block))
 
 
+def test_fused_backward_gives_the_keys_and_values_gradients_in_their_own_layout(monkeypatch):
+    """k and v are heads of B x T x H (a transposed view): their gradients come back with k's strides, so that
+    autograd's way back to B x T x H is a view, not a copy of every key."""
+    torch.manual_seed(0)
+    model = make_model(block=4, max_span=16, ramp=4, init=0.5)
+    attention = model.decoder.layers[0].attention
+    block, memory = kernel_inputs()
+    layouts = []
+    heads = attention._heads
+
+    def recorded(x):
+        view = heads(x)
+        if view.requires_grad:
+            view.register_hook(lambda grad: layouts.append((view.shape, view.stride(), grad.stride())))
+        return view
+
+    monkeypatch.setattr(attention, "_heads", recorded)
+    out, *_ = attention(
+        block, attention.project(memory.hidden), memory.distance, memory.valid, model.decoder.positions
+    )
+    out.sum().backward()
+    T = memory.hidden.size(1) + block.size(1)
+    keys = [(view, grad) for shape, view, grad in layouts if shape[2] == T]
+    assert len(keys) == 2 and all(view == grad for view, grad in keys)
+
+
 def test_attention_dropout_trains_through_the_plain_path_with_the_reason_logged_once(caplog):
     model = make_model(block=4, attention_dropout=0.1).train()
     attention = model.decoder.layers[0].attention

@@ -127,13 +127,28 @@ def _query_offsets(block_size: int, device) -> Tensor:
 
 def _block_soft_mask(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
     """``m_{t,i}`` for the block's queries from ``r_i`` seen from its first query: ... x T -> ... x M x T
-    (B x T for a span per key, B x K x T for a span per head).
+    (B x T for a span per key, B x K x T for a span per head)."""
+    return _block_ramp_deficit(remaining_first, block_size, ramp).add_(1.0)
 
-    Query t sees ``r_i - t``; ``1 + (r_i - t) / R`` is one subtraction per element from a per-key term.
+
+def _block_log_soft_mask(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
+    """``log m_{t,i}`` as :func:`_block_soft_mask`, -inf where m = 0: ``log1p(m - 1)``, since torch's CPU ``log``
+    takes a slow path (about 20x) on every vector holding a 0, and expired keys make many (log1p's -1 does not).
     """
+    return _block_ramp_deficit(remaining_first, block_size, ramp).log1p_()
+
+
+def _block_ramp_deficit(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
+    """``m_{t,i} - 1 = clamp(r_{t,i} / R, -1, 0)`` (... x T -> ... x M x T): query t sees ``r_i - t``, so this is
+    one subtraction per element from a per-key term."""
     offsets = _query_offsets(block_size, remaining_first.device) / ramp  # M x 1
-    # m = clamp(1 + r / R, 0, 1)
-    return ((remaining_first / ramp + 1).unsqueeze(-2) - offsets).clamp_(0.0, 1.0)
+    return ((remaining_first / ramp).unsqueeze(-2) - offsets).clamp_(-1.0, 0.0)
+
+
+def _exp_(x: Tensor) -> Tensor:
+    """``exp`` in place as ``exp2(x log2 e)``: torch's CPU ``exp`` takes a slow path (about 10x) on every vector
+    whose result underflows, ``exp(-inf) = 0`` of the keys a query cannot see included; ``exp2`` does not."""
+    return x.mul_(1.0 / math.log(2.0)).exp2_()
 
 
 class _LogSoftMask(torch.autograd.Function):
@@ -148,7 +163,7 @@ class _LogSoftMask(torch.autograd.Function):
     def forward(ctx, remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
         ctx.save_for_backward(remaining_first)
         ctx.block_size, ctx.ramp = block_size, ramp
-        return _block_soft_mask(remaining_first, block_size, ramp).log_()
+        return _block_log_soft_mask(remaining_first, block_size, ramp)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -719,10 +734,24 @@ class _FusedSpanAttention(torch.autograd.Function):
             grad_q_old, grad_k_old, grad_v_old = _kernel_backward(
                 grad, q, k[:, :, :old], v[:, :, :old], bias, out, lse.squeeze(-1)
             )
+            layout = torch.empty_like(k, device="meta")  # k's strides, no storage
             del k, v, log_mask, bias  # before the gradients of all T keys are assembled
             grad_q = grad_q + grad_q_old
-            grad_k, grad_v = torch.cat([grad_k_old, grad_k], dim=2), torch.cat([grad_v_old, grad_v], dim=2)
+            grad_k, grad_v = (
+                _joined_keys(layout, old_part, recent_part)
+                for old_part, recent_part in ((grad_k_old, grad_k), (grad_v_old, grad_v))
+            )
         return grad_q, grad_k, grad_v, grad_remaining, grad_table, None, None, None, None, None
+
+
+def _joined_keys(like: Tensor, old: Tensor, recent: Tensor) -> Tensor:
+    """[old ; recent] along the keys (B x K x T x D), laid out in memory as ``like`` (k and v are heads of B x T x
+    H, so autograd's way back to B x T x H is then a view, not a copy of all T keys; the CPU kernel's old part
+    already has that layout)."""
+    joined = torch.empty_like(like, device=recent.device)
+    joined[:, :, : old.size(2)].copy_(old)
+    joined[:, :, old.size(2) :].copy_(recent)
+    return joined
 
 
 def _recent_backward(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, positions, span_gradient: bool):
@@ -771,7 +800,7 @@ def _recent_backward_of(q, k, v, grad, delta, lse, log_mask, mask: SoftMask, pos
     ``P`` and ``dS`` in place."""
     scores = torch.matmul(q, k.transpose(-1, -2))
     positions.add_scores_(q, scores)
-    probs = scores.float().add_(log_mask[..., -scores.size(-1) :]).sub_(lse).exp_()
+    probs = _exp_(scores.float().add_(log_mask[..., -scores.size(-1) :]).sub_(lse))
     grad_scores = torch.matmul(grad, v.transpose(-1, -2)).float().sub_(delta).mul_(probs)  # dS
     grad_v = torch.matmul(probs.to(grad.dtype).transpose(-1, -2), grad)
     del probs, scores
@@ -809,9 +838,8 @@ def _far_ramp_gradient(q, k, v, grad, delta, lse, remaining, block_size: int, ra
         k_chunk, v_chunk = k.gather(2, rows), v.gather(2, rows)
         r_chunk = remaining.gather(-1, chunk)
         mask = _block_soft_mask(r_chunk, M, ramp)  # B x K' x M x c
-        probs = (
-            torch.matmul(q, k_chunk.transpose(-1, -2)).float().add_(mask.log()).sub_(lse).exp_()
-        )  # B K M c
+        log_mask = _block_log_soft_mask(r_chunk, M, ramp)
+        probs = _exp_(torch.matmul(q, k_chunk.transpose(-1, -2)).float().add_(log_mask).sub_(lse))  # B K M c
         grad_scores = torch.matmul(grad, v_chunk.transpose(-1, -2)).float().sub_(delta).mul_(probs)
         grad_chunk = _ramp_gradient(grad_scores.sum(1, keepdim=True) if shared else grad_scores, mask, ramp)
         grad_remaining.scatter_add_(-1, chunk, torch.where(real_chunk, grad_chunk, 0.0))
