@@ -133,7 +133,8 @@ def _block_soft_mask(remaining_first: Tensor, block_size: int, ramp: int) -> Ten
 
 def _block_log_soft_mask(remaining_first: Tensor, block_size: int, ramp: int) -> Tensor:
     """``log m_{t,i}`` as :func:`_block_soft_mask`, -inf where m = 0: ``log1p(m - 1)``, since torch's CPU ``log``
-    takes a slow path (about 20x) on every vector holding a 0, and expired keys make many (log1p's -1 does not).
+    takes a slow path (about 20x) on every vector holding a 0, and expired keys make many;
+    ``log1p(-1)`` does not.
     """
     return _block_ramp_deficit(remaining_first, block_size, ramp).log1p_()
 
