@@ -11,6 +11,7 @@ from console import eval_lm, eval_lm_bits, json_logs, make_data_bin, repeating_t
 from test_expire_span import make_model
 
 import fairseq_expire_compat as compat
+from fairseq_expire.modules import expire_span
 from fairseq_expire.modules.expire_span import LayerMemory
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9): outputs and gradients of one attention layer agree with
@@ -117,6 +118,31 @@ def test_bf16_training_attention_keeps_no_fp32_copy_of_its_inputs():
     largest_fp32 = max(t.numel() for t in kept if t.dtype == torch.float32)
     B, N, H = memory.hidden.shape
     assert largest_fp32 <= B * (N + block.size(1)), [(tuple(t.shape), t.dtype) for t in kept]
+
+
+def test_bf16_cpu_kernels_get_the_older_keys_log_m_in_fp32(monkeypatch):
+    """log m stays in fp32 up to the CPU kernels, forward and backward: they read an fp32 bias whatever q's
+    dtype, so it is never rounded to bf16 nor copied for them (only the last 2M keys' bias, which holds the
+    position term per head, is in the model's dtype)."""
+    if not expire_span._has_fused_kernel(torch.device("cpu")):
+        pytest.skip("this torch has no CPU flash-attention kernel with a log-sum-exp")
+    biases = {"forward": [], "backward": []}
+    for name, calls in (("_kernel_forward", biases["forward"]), ("_kernel_backward", biases["backward"])):
+        kernel = getattr(expire_span, name)
+        bias_at = 3 if name == "_kernel_forward" else 4  # (q, k, v, bias) and (grad, q, k, v, bias)
+
+        def spy(*args, kernel=kernel, calls=calls, bias_at=bias_at, **kwargs):
+            calls.append((args[bias_at].dtype, args[bias_at].size(1)))
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(expire_span, name, spy)
+    model = make_model(block=8, max_span=32, ramp=4, init=0.4).to(torch.bfloat16)
+    block, memory = attention_inputs(torch.bfloat16)
+    out, *_ = attend(model, block, memory)
+    out.float().square().sum().backward()
+    heads = model.decoder.layers[0].attention.num_heads
+    assert sorted(biases["forward"], key=str) == [(torch.bfloat16, heads), (torch.float32, 1)]
+    assert biases["backward"] == [(torch.float32, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -622,13 +622,16 @@ def _flash_with_log_sum_exp(q, k, v, log_mask, bias, dropout_p):
     """Output and log-sum-exp (B x K x M, fp32) of the fused kernel over keys with mask ``log_mask``
     (B x K' x M x T'), and the per-head ``bias`` if given (else log m); lse = -inf for a row that sees none of
     these keys (the kernel gives 0 there)."""
-    out, lse = _kernel_forward(q, k, v, (log_mask if bias is None else bias).to(q.dtype), dropout_p)
+    out, lse = _kernel_forward(q, k, v, log_mask if bias is None else bias, dropout_p)
     sees_nothing = log_mask.amax(-1) == -math.inf  # B x K' x M
     return out, lse.masked_fill(sees_nothing, -math.inf)
 
 
 def _kernel_forward(q, k, v, bias, dropout_p=0.0):
-    """The fused kernel over keys k with an additive bias (B x K' x M x T'): output and log-sum-exp (B x K x M)."""
+    """The fused kernel over keys k with an additive bias (B x K' x M x T'): output and log-sum-exp (B x K x M).
+
+    The bias may be fp32 whatever q's dtype: the CPU kernel reads it as it is (it works in fp32), so log m reaches
+    it unrounded and never copied; CUDA's gets it copied in q's dtype (:func:`_aligned_bias`)."""
     if q.device.type == "cpu":
         return getattr(torch.ops.aten, _CPU_FLASH)(q, k, v, dropout_p, False, attn_mask=bias, scale=1.0)
     out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -640,7 +643,7 @@ def _kernel_forward(q, k, v, bias, dropout_p=0.0):
 def _kernel_backward(grad, q, k, v, bias, out, lse):
     """q, k, v gradients of the kernel's keys from ``out`` and ``lse``, the merged output and log-sum-exp of all
     the keys: then ``P = exp(s + bias - lse)`` and ``delta = rowsum(dO o)`` are those of the whole softmax, so a
-    part's gradients are exactly its share of the whole's."""
+    part's gradients are exactly its share of the whole's. The bias as in :func:`_kernel_forward`."""
     if q.device.type == "cpu":
         return getattr(torch.ops.aten, _CPU_FLASH + "_backward")(
             grad, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=1.0
@@ -668,10 +671,11 @@ def _kernel_backward(grad, q, k, v, bias, out, lse):
 
 
 def _aligned_bias(bias: Tensor, q: Tensor) -> Tensor:
-    """The CUDA kernel wants the bias per head, its rows aligned to 16 elements: B x K x M x T' (a view)."""
+    """The CUDA kernel wants the bias in q's dtype and per head, its rows aligned to 16 elements: B x K x M x T'
+    (a view of one copy)."""
     B, K, M, _ = q.shape
     width = bias.size(-1)
-    aligned = bias.new_empty(*bias.shape[:-1], width + (-width % 16))[..., :width].copy_(bias)
+    aligned = bias.new_empty(*bias.shape[:-1], width + (-width % 16), dtype=q.dtype)[..., :width].copy_(bias)
     return aligned.expand(B, K, M, width)
 
 
@@ -731,12 +735,11 @@ class _FusedSpanAttention(torch.autograd.Function):
             )
             grad_remaining = torch.cat([older, grad_remaining], dim=-1)
         if old > 0:
-            bias = log_mask[..., :old].to(q.dtype)
             grad_q_old, grad_k_old, grad_v_old = _kernel_backward(
-                grad, q, k[:, :, :old], v[:, :, :old], bias, out, lse.squeeze(-1)
+                grad, q, k[:, :, :old], v[:, :, :old], log_mask[..., :old], out, lse.squeeze(-1)
             )
             layout = torch.empty_like(k, device="meta")  # k's strides, no storage
-            del k, v, log_mask, bias  # before the gradients of all T keys are assembled
+            del k, v, log_mask  # before the gradients of all T keys are assembled
             grad_q = grad_q + grad_q_old
             grad_k, grad_v = (
                 _joined_keys(layout, old_part, recent_part)
