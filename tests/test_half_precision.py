@@ -126,13 +126,13 @@ def test_bf16_cpu_kernels_get_the_older_keys_log_m_in_fp32(monkeypatch):
     position term per head, is in the model's dtype)."""
     if not expire_span._has_fused_kernel(torch.device("cpu")):
         pytest.skip("this torch has no CPU flash-attention kernel with a log-sum-exp")
-    biases = {"forward": [], "backward": []}
-    for name, calls in (("_kernel_forward", biases["forward"]), ("_kernel_backward", biases["backward"])):
-        kernel = getattr(expire_span, name)
-        bias_at = 3 if name == "_kernel_forward" else 4  # (q, k, v, bias) and (grad, q, k, v, bias)
+    biases = {}  # the dtype and the head dimension of each call's bias
+    # where the bias is among the arguments: (q, k, v, bias, ...) and (grad, q, k, v, bias, ...)
+    for name, bias_at in (("_kernel_forward", 3), ("_kernel_backward", 4)):
+        biases[name] = []
 
-        def spy(*args, kernel=kernel, calls=calls, bias_at=bias_at, **kwargs):
-            calls.append((args[bias_at].dtype, args[bias_at].size(1)))
+        def spy(*args, kernel=getattr(expire_span, name), seen=biases[name], bias_at=bias_at, **kwargs):
+            seen.append((args[bias_at].dtype, args[bias_at].size(1)))
             return kernel(*args, **kwargs)
 
         monkeypatch.setattr(expire_span, name, spy)
@@ -141,8 +141,8 @@ def test_bf16_cpu_kernels_get_the_older_keys_log_m_in_fp32(monkeypatch):
     out, *_ = attend(model, block, memory)
     out.float().square().sum().backward()
     heads = model.decoder.layers[0].attention.num_heads
-    assert sorted(biases["forward"], key=str) == [(torch.bfloat16, heads), (torch.float32, 1)]
-    assert biases["backward"] == [(torch.float32, 1)]
+    assert sorted(biases["_kernel_forward"], key=str) == [(torch.bfloat16, heads), (torch.float32, 1)]
+    assert biases["_kernel_backward"] == [(torch.float32, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
